@@ -1,0 +1,233 @@
+"""Typed job configuration: dataclasses per component, loaded from YAML with `key.sub=value`
+command-line overrides, checked before any process group starts.
+
+Each component owns its dataclass (models.config.ModelConfig, parallel.config.ParallelConfig, ...);
+this module composes them into JobConfig and does the loading. Errors name the offending key by
+its dotted path (`model.hidden_size`) and, for files, the file.
+"""
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from megatron_rl.models.config import ModelConfig
+from megatron_rl.parallel.config import ParallelConfig
+from megatron_rl.training.config import TrainingConfig
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-6 as a float (PyYAML's YAML 1.1 rules want 1.0e-6)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text):
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or inconsistent; the message names the key."""
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def validate(self, world_size: int) -> None:
+        """Cross-component checks that need the world size (layout vs model shape)."""
+        p, m = self.parallel, self.model
+        p.resolve_data_parallel(world_size)
+        if m.num_attention_heads % p.tensor_model_parallel_size:
+            raise ConfigError(
+                f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}")
+        groups = m.num_query_groups or m.num_attention_heads
+        if groups % p.tensor_model_parallel_size:
+            raise ConfigError(
+                f"model.num_query_groups={groups} is not divisible by "
+                f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}")
+        if m.num_layers % p.pipeline_model_parallel_size:
+            raise ConfigError(
+                f"model.num_layers={m.num_layers} is not divisible by "
+                f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}")
+        if p.sequence_parallel and p.tensor_model_parallel_size == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs "
+                              "parallel.tensor_model_parallel_size > 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _aliases(cls) -> Dict[str, str]:
+    """{alias: field name} from `dataclasses.field(metadata={"aliases": (...)})`."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        for alias in f.metadata.get("aliases", ()):
+            out[alias] = f.name
+    return out
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; allow int -> float. Raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, List, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")
+
+
+def from_dict(cls, data: Any, prefix: str = ""):
+    """Build dataclass `cls` from a nested mapping, rejecting unknown keys and wrong types."""
+    where = prefix or "<top level>"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    aliases = _aliases(cls)
+    kwargs = {}
+    for raw_key, value in data.items():
+        key = aliases.get(raw_key, raw_key)
+        dotted = f"{prefix}.{raw_key}" if prefix else str(raw_key)
+        if key not in names:
+            close = difflib.get_close_matches(str(raw_key), sorted(names | set(aliases)), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+        if key in kwargs:
+            raise ConfigError(f"{dotted}: set twice (once through an alias)")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+    """`["model.hidden_size=64", "parallel.sequence_parallel=true"]` -> nested dict.
+    Values are parsed as YAML scalars, so 1e-6, true, null and [1, 2] mean what they look like."""
+    tree: Dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        dotted, raw = item.split("=", 1)
+        if not dotted:
+            raise ConfigError(f"override {item!r}: empty key")
+        try:
+            value = yaml_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+        _set_dotted(tree, dotted, value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
+                world_size: Optional[int] = None, cls=JobConfig):
+    """Load `path` (YAML), apply overrides, build the dataclass and validate the layout."""
+    data: Dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping")
+    data = _merge(data, parse_overrides(overrides))
+    try:
+        cfg = from_dict(cls, data)
+        if world_size is not None:
+            cfg.validate(world_size)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    return cfg
+
+
+def to_dict(cfg) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,50 @@
+"""Model architecture config: Qwen2/Qwen2.5 and Llama-3 style decoder-only transformers."""
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass
+class ModelConfig:
+    # "qwen2" turns on the QKV bias (Qwen2/Qwen2.5); "llama" has none (Llama-3, Qwen3 dense
+    # without qk-norm). Both use RMSNorm, SwiGLU and RoPE.
+    arch: Literal["qwen2", "llama"] = "qwen2"
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = 2  # GQA; None means multi-head attention
+    kv_channels: Optional[int] = None  # head dim; None means hidden_size / num_attention_heads
+    vocab_size: int = 512  # the tokenizer's; padded below for the TP split
+    make_vocab_size_divisible_by: int = 128  # padded vocab is a multiple of this x TP (megatron)
+    max_position_embeddings: int = 512
+    rotary_base: float = 10000.0
+    rope_scaling_factor: Optional[float] = None  # Llama-3.1 style scaling when set
+    norm_epsilon: float = 1e-6
+    tie_word_embeddings: bool = True
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # "auto": TransformerEngine layer spec when TE imports, megatron's local spec otherwise.
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                             f"model.num_attention_heads={self.num_attention_heads}")
+        if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"model.num_attention_heads={self.num_attention_heads} is not "
+                             f"divisible by model.num_query_groups={self.num_query_groups}")
+
+    @property
+    def add_qkv_bias(self) -> bool:
+        return self.arch == "qwen2"
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return -(-self.vocab_size // multiple) * multiple

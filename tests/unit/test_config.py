@@ -1,0 +1,101 @@
+import textwrap
+
+import pytest
+
+from megatron_rl.config import ConfigError, JobConfig, load_config, parse_overrides
+
+
+def write(tmp_path, text):
+    path = tmp_path / "job.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, """
+        model:
+          hidden_size: 128
+          num_attention_heads: 8
+        training:
+          lr: 1e-6
+    """)
+    cfg = load_config(path, ["model.num_layers=4", "parallel.tensor_model_parallel_size=2",
+                             "training.lr=2e-6"], world_size=4)
+    assert isinstance(cfg, JobConfig)
+    assert cfg.model.hidden_size == 128 and cfg.model.num_layers == 4
+    assert cfg.training.lr == 2e-6  # override wins; 1e-6 style floats parse as floats
+    assert cfg.parallel.data_parallel_size == 2
+
+
+def test_int_is_accepted_for_float():
+    assert load_config(None, ["training.lr=1"]).training.lr == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hiden_size=64", "unknown config key 'model.hiden_size' (did you mean 'hidden_size'?)"),
+    ("modle.hidden_size=64", "unknown config key 'modle'"),
+    ("model.hidden_size=abc", "model.hidden_size: expected an int, got str 'abc'"),
+    ("model.hidden_size=1.5", "model.hidden_size: expected an int"),
+    ("parallel.sequence_parallel=3", "parallel.sequence_parallel: expected true/false"),
+    ("model.arch=gpt2", "model.arch: 'gpt2' is not one of ['qwen2', 'llama']"),
+    ("model.num_layers=-1", "model.num_layers must be positive"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.tensor_model_parallel_size=3"], 4, "does not divide the world size 4"),
+    (["parallel.tensor_model_parallel_size=2", "parallel.data_parallel_size=1"], 4,
+     "parallel.data_parallel_size=1 = 2 != world size 4"),
+    (["parallel.tensor_model_parallel_size=8", "model.num_attention_heads=4"], 8,
+     "model.num_attention_heads=4 is not divisible by parallel.tensor_model_parallel_size=8"),
+    (["parallel.tensor_model_parallel_size=4", "model.num_query_groups=2"], 4,
+     "model.num_query_groups=2 is not divisible by parallel.tensor_model_parallel_size=4"),
+    (["parallel.pipeline_model_parallel_size=2", "model.num_layers=3"], 2,
+     "model.num_layers=3 is not divisible by parallel.pipeline_model_parallel_size=2"),
+    (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel=true needs"),
+])
+def test_impossible_layouts(overrides, world, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides, world_size=world)
+    assert message in str(e.value)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="job.yaml: unknown config key 'training.stepz'"):
+        load_config(write(tmp_path, "training:\n  stepz: 3\n"))
+    with pytest.raises(ConfigError, match="job.yaml: not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed\n"))
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_override_syntax():
+    assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=null"]) == {"a": {"b": 1, "c": [1, 2]},
+                                                                  "d": None}
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        parse_overrides(["model.hidden_size"])
+
+
+def test_aliases_map_to_fields():
+    import dataclasses
+
+    from megatron_rl.config import from_dict
+
+    @dataclasses.dataclass
+    class WithAlias:
+        r: float = 2e-4
+        beta: float = dataclasses.field(default=1.0, metadata={"aliases": ("ppo_kl_coef",)})
+
+    assert from_dict(WithAlias, {"ppo_kl_coef": 0.5}).beta == 0.5
+    with pytest.raises(ConfigError, match="set twice"):
+        from_dict(WithAlias, {"ppo_kl_coef": 0.5, "beta": 1.0})
+
+
+def test_padded_vocab():
+    cfg = load_config(None, ["model.vocab_size=151936", "model.make_vocab_size_divisible_by=128"])
+    assert cfg.model.padded_vocab_size(1) == 151936
+    assert cfg.model.padded_vocab_size(8) == 152576
