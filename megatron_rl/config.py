@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from megatron_rl.algorithms.config import AlgorithmConfig
 from megatron_rl.models.config import ModelConfig
 from megatron_rl.parallel.config import ParallelConfig
 from megatron_rl.training.config import TrainingConfig
@@ -47,6 +48,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
 
     def validate(self, world_size: int) -> None:
         """Cross-component checks that need the world size (layout vs model shape)."""

@@ -99,3 +99,11 @@ def test_padded_vocab():
     cfg = load_config(None, ["model.vocab_size=151936", "model.make_vocab_size_divisible_by=128"])
     assert cfg.model.padded_vocab_size(1) == 151936
     assert cfg.model.padded_vocab_size(8) == 152576
+
+
+def test_algorithm_section_accepts_verl_names():
+    cfg = load_config(None, ["algorithm.loss_mode=kl_cov", "algorithm.kl_cov_ratio=2e-4",
+                             "algorithm.ppo_kl_coef=0.5", "algorithm.clip_cov_lb=0.5"])
+    assert (cfg.algorithm.k, cfg.algorithm.beta, cfg.algorithm.omega_low) == (2e-4, 0.5, 0.5)
+    with pytest.raises(ConfigError, match=r"algorithm: r \(clip_cov_ratio\) must be in \(0, 1\)"):
+        load_config(None, ["algorithm.clip_cov_ratio=2"])
