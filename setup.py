@@ -37,7 +37,13 @@ def _extensions():
         )
 
     openmp = ["-fopenmp"]
-    cxx_flags = ["-O3", "-std=c++17", "-march=x86-64-v2"] + openmp
+    # torch >= 2.14 headers use C++20 (concepts, <=>); older ones build with C++17 as before.
+    from packaging.version import Version
+
+    cxx_std = "-std=c++20" if Version(torch.__version__).release >= (2, 14) else "-std=c++17"
+    # -fno-trapping-math lets GCC if-convert (and so vectorise) the masked exp loops of the CPU
+    # kernels; nothing in the extension relies on floating-point traps.
+    cxx_flags = ["-O3", cxx_std, "-march=x86-64-v2", "-fno-trapping-math"] + openmp
     if os.uname().machine != "x86_64":
         cxx_flags.remove("-march=x86-64-v2")
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -50,7 +56,7 @@ def _extensions():
                 define_macros=[("MEGATRON_RL_WITH_CUDA", "1")],
                 extra_compile_args={
                     "cxx": cxx_flags,
-                    "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                    "nvcc": ["-O3", cxx_std, "--use_fast_math", "-lineinfo",
                              "--expt-relaxed-constexpr"],
                 },
                 extra_link_args=openmp,

@@ -1,40 +1,18 @@
-// The one binding file of megatron_rl._C: registers the extension's torch ops.
+// The one binding file of megatron_rl._C: declares the extension's torch ops.
 // Ops are registered with TORCH_LIBRARY (callable as torch.ops.megatron_rl.*) instead of pybind11
-// functions so they compose with torch.compile and autograd.Function; the Python module itself is
-// empty and exists only so that `import megatron_rl._C` loads the library.
+// functions so they compose with torch.compile and autograd.Function; the CPU and CUDA kernels
+// register their implementations with TORCH_LIBRARY_IMPL beside the launchers
+// (cpu/vocab_parallel_cpu.cpp, cuda/vocab_parallel_cuda.cpp). The Python module itself is empty
+// and exists only so that `import megatron_rl._C` loads the library.
+//
+// The three ops are the phases of the vocab-parallel log-prob / entropy / covariance computation
+// on one process's block of logits columns; the TP all-reduces between them are done in Python
+// (megatron_rl/ops/vocab_parallel.py). Shapes: logits [tokens, cols] (unit column stride), per-token
+// vectors [tokens] in the accumulation dtype (float64 for float64 logits, float32 otherwise).
 #include <Python.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <limits>
-
 namespace megatron_rl {
-
-// Row-wise logsumexp of a contiguous float32 [rows, cols] tensor: the smallest real op, kept as a
-// build smoke test and a check that OpenMP is linked.
-at::Tensor row_logsumexp(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2, "row_logsumexp: expected a 2-D tensor, got ", x.dim(), "-D");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "row_logsumexp: expected float32");
-  TORCH_CHECK(x.device().is_cpu(), "row_logsumexp: expected a CPU tensor");
-  at::Tensor xc = x.contiguous();
-  const int64_t rows = xc.size(0), cols = xc.size(1);
-  at::Tensor out = at::empty({rows}, xc.options());
-  const float* in = xc.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = in + r * cols;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t c = 0; c < cols; ++c) m = std::fmax(m, row[c]);
-    if (std::isinf(m) && m < 0) { o[r] = m; continue; }
-    double s = 0.0;
-    for (int64_t c = 0; c < cols; ++c) s += std::exp(row[c] - m);
-    o[r] = m + static_cast<float>(std::log(s));
-  }
-  return out;
-}
 
 bool has_cuda() {
 #ifdef MEGATRON_RL_WITH_CUDA
@@ -47,8 +25,20 @@ bool has_cuda() {
 }  // namespace megatron_rl
 
 TORCH_LIBRARY(megatron_rl, m) {
-  m.def("row_logsumexp(Tensor x) -> Tensor");
-  m.impl("row_logsumexp", c10::DispatchKey::CPU, &megatron_rl::row_logsumexp);
+  // -> [4, tokens]: max z, sum exp(z - max), sum exp(z - max) * (z - max), z[target] (0 when the
+  // target id is outside [vocab_start, vocab_start + valid_cols)), all over this block's valid
+  // columns, with z = logits * inv_temperature.
+  m.def("logprob_stats(Tensor logits, Tensor? target, float inv_temperature, int vocab_start, "
+        "int valid_cols) -> Tensor");
+  // -> grad of sum(grad_logprob * logprob + grad_entropy * entropy) w.r.t. this block of logits,
+  // recomputing the softmax from the logits and the global lse; logits' dtype, padding columns 0.
+  m.def("logprob_entropy_backward(Tensor logits, Tensor target, Tensor lse, Tensor entropy, "
+        "Tensor grad_logprob, Tensor grad_entropy, float inv_temperature, int vocab_start, "
+        "int valid_cols) -> Tensor");
+  // -> [2, tokens]: this block's share of Cov_p(log p, delta) and of E_p[delta], given the global
+  // lse and entropy.
+  m.def("covariance_partials(Tensor logits, Tensor delta, Tensor lse, Tensor entropy, "
+        "float inv_temperature, int valid_cols) -> Tensor");
 }
 
 static PyModuleDef megatron_rl_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -1,0 +1,253 @@
+"""megatron_rl.ops (TP=1) against float64 PyTorch references on the same logits.
+
+TP=2 runs in tests/distributed/test_ops_tp.py.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_rl.ops import output_layer_logprobs_entropy, vocab_parallel as vp
+from megatron_rl.ops import vocab_parallel_covariance, vocab_parallel_logprobs_entropy
+from megatron_rl.ops.reference import dense_covariance, dense_logprobs_entropy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# (rtol, atol) for outputs (always fp32 math) and for gradients (stored in the logits' dtype).
+OUTPUT_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 2e-5),
+              torch.bfloat16: (1e-5, 2e-5), torch.float16: (1e-5, 2e-5)}
+GRAD_TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-4, 2e-6),
+            torch.bfloat16: (1e-2, 1e-4), torch.float16: (2e-3, 2e-6)}
+
+
+@pytest.fixture(params=["extension", "reference"])
+def backend(request, monkeypatch):
+    """Runs a test through the C++ kernels and again through the PyTorch fallback ops."""
+    if request.param == "reference":
+        monkeypatch.setattr(vp, "phase_ops", lambda device: vp._REFERENCE_OPS)
+    else:
+        assert vp._NATIVE_OPS is not None, "megatron_rl._C did not load: rebuild the extension"
+    return request.param
+
+
+def make_logits(shape, dtype, seed=0, scale=3.0, masked_fraction=0.1):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+    logits[torch.rand(shape, generator=g) < masked_fraction] = float("-inf")
+    return logits.to(dtype)
+
+
+def check_logprobs_entropy(logits, target, temperature, vocab_size=None):
+    """Outputs and logits-gradient of the op vs dense float64 autograd on the same values."""
+    dtype = logits.dtype
+    g = torch.Generator().manual_seed(1)
+    grad_lp = torch.randn(target.shape, generator=g)
+    grad_h = torch.randn(target.shape, generator=g)
+
+    x = logits.clone().requires_grad_(True)
+    logprobs, entropy = vocab_parallel_logprobs_entropy(x, target, temperature, vocab_size=vocab_size)
+    assert logprobs.dtype == entropy.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    (grad_lp.to(logprobs.dtype) * logprobs + grad_h.to(entropy.dtype) * entropy).sum().backward()
+
+    x64 = logits.detach().double().requires_grad_(True)
+    ref_lp, ref_h = dense_logprobs_entropy(x64, target, temperature, vocab_size)
+    (grad_lp.double() * ref_lp + grad_h.double() * ref_h).sum().backward()
+
+    rtol, atol = OUTPUT_TOL[dtype]
+    torch.testing.assert_close(logprobs.double(), ref_lp, rtol=rtol, atol=atol)
+    torch.testing.assert_close(entropy.double(), ref_h, rtol=rtol, atol=atol)
+    rtol, atol = GRAD_TOL[dtype]
+    assert x.grad.dtype == dtype
+    if vocab_size is not None:  # padding columns get exactly zero gradient
+        assert torch.all(x.grad[..., vocab_size:] == 0)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=rtol, atol=atol)
+    return logprobs, entropy, x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
+def test_logprobs_entropy_match_float64(backend, dtype, temperature):
+    logits = make_logits((13, 1001), dtype)  # odd vocabulary, ~10% -inf logits
+    target = torch.randint(0, 1001, (13,), generator=torch.Generator().manual_seed(2))
+    check_logprobs_entropy(logits, target, temperature)
+
+
+def test_sequence_parallel_layout_and_large_rows(backend):
+    # [s, b, V_local] as megatron's output layer returns it; a row long enough for many SIMD blocks.
+    logits = make_logits((5, 3, 4099), torch.float32, seed=3, scale=6.0)
+    target = torch.randint(0, 4099, (5, 3), generator=torch.Generator().manual_seed(4))
+    logprobs, entropy, _ = check_logprobs_entropy(logits, target, 0.9)
+    assert logprobs.shape == entropy.shape == (5, 3)
+
+
+def test_masked_rows_and_masked_target(backend):
+    logits = make_logits((4, 37), torch.float32, seed=5, masked_fraction=0.0)
+    logits[0, 1:] = float("-inf")  # one finite logit: p = 1 there, entropy 0
+    logits[1, :30] = float("-inf")
+    logits[2, 7] = float("-inf")
+    target = torch.tensor([0, 31, 7, 36])
+    x = logits.clone().requires_grad_(True)
+    logprobs, entropy = vocab_parallel_logprobs_entropy(x, target)
+    assert logprobs[0] == 0 and entropy[0] == 0
+    assert logprobs[2] == float("-inf")  # the sampled token was masked
+    (logprobs[[0, 1, 3]].sum() + entropy.sum()).backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.all(x.grad[1, :30] == 0)  # p = 0 columns get no gradient
+    check_logprobs_entropy(logits[[0, 1, 3]], target[[0, 1, 3]], 1.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_vocabulary_is_excluded(backend, dtype):
+    logits = make_logits((6, 128), dtype, seed=6)
+    logits[:, 101:] = 50.0  # padding columns with huge logits must not count
+    target = torch.randint(0, 101, (6,), generator=torch.Generator().manual_seed(7))
+    check_logprobs_entropy(logits, target, 0.8, vocab_size=101)
+
+
+def test_entropy_only_and_logprob_only_backward(backend):
+    logits = make_logits((3, 50), torch.float64, seed=8)
+    target = torch.tensor([1, 2, 3])
+    for pick in (0, 1):
+        x = logits.clone().requires_grad_(True)
+        vocab_parallel_logprobs_entropy(x, target, 1.4)[pick].sum().backward()
+        x64 = logits.clone().requires_grad_(True)
+        dense_logprobs_entropy(x64, target, 1.4)[pick].sum().backward()
+        torch.testing.assert_close(x.grad, x64.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_float64(backend):
+    logits = make_logits((3, 7), torch.float64, seed=9, masked_fraction=0.0).requires_grad_(True)
+    target = torch.tensor([0, 6, 3])
+    for temperature, vocab_size in ((1.0, None), (0.7, 6)):
+        assert torch.autograd.gradcheck(
+            lambda x: vocab_parallel_logprobs_entropy(x, target, temperature, vocab_size=vocab_size),
+            (logits,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype,delta_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                               (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_covariance_matches_float64(backend, dtype, delta_dtype):
+    logits = make_logits((9, 333), dtype, seed=10)
+    g = torch.Generator().manual_seed(11)
+    delta = (torch.randn(9, 333, generator=g) + 0.3 * logits.float().clamp(min=-10)).to(delta_dtype)
+    for temperature, vocab_size in ((1.0, None), (0.6, 300)):
+        cov, mean_delta = vocab_parallel_covariance(logits, delta, temperature, vocab_size=vocab_size)
+        ref_cov, ref_mean = dense_covariance(logits.double(), delta.double(), temperature, vocab_size)
+        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(cov.double(), ref_cov, rtol=tol, atol=tol)
+        torch.testing.assert_close(mean_delta.double(), ref_mean, rtol=tol, atol=tol)
+
+
+def test_covariance_predicts_entropy_change():
+    # First-order entropy dynamics (PAPER.md): H(z + eps d) - H(z) ~= -eps Cov_p(log p, d).
+    logits = make_logits((4, 200), torch.float64, seed=12, masked_fraction=0.0)
+    delta = torch.randn(4, 200, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    eps = 1e-6
+    target = torch.zeros(4, dtype=torch.long)
+    h0 = vocab_parallel_logprobs_entropy(logits, target)[1]
+    h1 = vocab_parallel_logprobs_entropy(logits + eps * delta, target)[1]
+    cov, _ = vocab_parallel_covariance(logits, delta)
+    torch.testing.assert_close((h1 - h0) / eps, -cov, rtol=1e-4, atol=1e-6)
+
+
+def dense_output_layer(hidden, weight, target, temperature, vocab_size):
+    return dense_logprobs_entropy(hidden @ weight.t(), target, temperature, vocab_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_output_layer_matches_dense(backend, dtype):
+    g = torch.Generator().manual_seed(14)
+    hidden = torch.randn(2, 11, 16, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(203, 16, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    target = torch.randint(0, 190, (2, 11), generator=g)
+    grad_lp, grad_h = torch.randn(2, 11, generator=g), torch.randn(2, 11, generator=g)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    # Chunks smaller than the problem so several token and vocab blocks merge.
+    logprobs, entropy = output_layer_logprobs_entropy(h, w, target, 0.8, vocab_size=190,
+                                                      token_chunk=5, vocab_chunk=64)
+    (grad_lp.to(logprobs.dtype) * logprobs + grad_h.to(entropy.dtype) * entropy).sum().backward()
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    ref_lp, ref_h = dense_output_layer(h64, w64, target, 0.8, 190)
+    (grad_lp.double() * ref_lp + grad_h.double() * ref_h).sum().backward()
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(logprobs.double(), ref_lp, rtol=tol, atol=tol)
+    torch.testing.assert_close(entropy.double(), ref_h, rtol=tol, atol=tol)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=10 * tol, atol=10 * tol)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=10 * tol, atol=10 * tol)
+
+
+def test_output_layer_gradcheck(backend):
+    g = torch.Generator().manual_seed(15)
+    hidden = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 8, 4, 7])
+    assert torch.autograd.gradcheck(
+        lambda h, w: output_layer_logprobs_entropy(h, w, target, 1.3, vocab_size=8, token_chunk=3, vocab_chunk=4),
+        (hidden, weight), eps=1e-6, atol=1e-7)
+
+
+def test_bad_arguments_are_rejected():
+    logits = torch.randn(3, 10)
+    with pytest.raises(ValueError):
+        vocab_parallel_logprobs_entropy(logits, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError):
+        vocab_parallel_logprobs_entropy(logits, torch.zeros(3, dtype=torch.long), vocab_size=11)
+    with pytest.raises(RuntimeError, match="temperature"):
+        vocab_parallel_logprobs_entropy(logits, torch.zeros(3, dtype=torch.long), temperature=-1.0)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.megatron_rl.logprob_stats(logits.to(torch.int32), None, 1.0, 0, 10)
+
+
+FALLBACK_SCRIPT = r"""
+import sys, warnings
+sys.modules["megatron_rl._C"] = None  # makes `from megatron_rl import _C` raise ImportError
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch
+    from megatron_rl.ops import vocab_parallel, vocab_parallel_logprobs_entropy, vocab_parallel_covariance
+    from megatron_rl.ops.reference import dense_logprobs_entropy, dense_covariance
+messages = [str(w.message) for w in caught if "megatron_rl._C" in str(w.message)]
+assert len(messages) == 1 and "\n" not in messages[0], messages
+assert vocab_parallel.phase_ops(torch.device("cpu")) is vocab_parallel._REFERENCE_OPS
+logits = torch.randn(5, 77, dtype=torch.float64) * 2
+target = torch.randint(0, 77, (5,))
+x = logits.clone().requires_grad_(True)
+lp, h = vocab_parallel_logprobs_entropy(x, target, 0.9)
+(lp + h).sum().backward()
+x64 = logits.clone().requires_grad_(True)
+rlp, rh = dense_logprobs_entropy(x64, target, 0.9)
+(rlp + rh).sum().backward()
+torch.testing.assert_close((lp, h, x.grad), (rlp, rh, x64.grad), rtol=1e-10, atol=1e-12)
+delta = torch.randn(5, 77, dtype=torch.float64)
+torch.testing.assert_close(vocab_parallel_covariance(logits, delta, 0.9), dense_covariance(logits, delta, 0.9))
+print("fallback ok")
+"""
+
+
+def test_reference_fallback_when_extension_missing():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "fallback ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_conversions_match_torch(dtype):
+    ops = torch.ops.megatron_rl
+    # Loads: every non-NaN bit pattern as a one-column row; the row max is the kernel's conversion.
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    values = values[~torch.isnan(values)].unsqueeze(-1).contiguous()
+    stats = ops.logprob_stats(values, None, 1.0, 0, 1)
+    assert torch.equal(stats[0], values.squeeze(-1).float())
+    # Stores (round to nearest even, subnormals, overflow): with one column, logit 0, lse 0 and
+    # the target elsewhere, p = 1 and the gradient is exactly -grad_logprob, rounded to dtype.
+    g = torch.Generator().manual_seed(16)
+    wanted = torch.cat([torch.randn(20000, generator=g) * 10.0 ** torch.randint(-9, 6, (20000,), generator=g),
+                        values.squeeze(-1).float()[::7] * (1 + 2.0 ** -11), torch.tensor([65519.0, 65520.0, 7e4])])
+    rows = wanted.numel()
+    zeros = torch.zeros(rows)
+    grad = ops.logprob_entropy_backward(torch.zeros(rows, 1, dtype=dtype), torch.full((rows,), -1), zeros, zeros,
+                                        -wanted, zeros, 1.0, 0, 1)
+    assert torch.equal(grad.squeeze(-1), wanted.to(dtype))
