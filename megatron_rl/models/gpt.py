@@ -75,6 +75,10 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig):
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        # RL micro-batches are padded to their own longest sequence, so pipeline stages exchange
+        # each micro-batch's shape before its activations.
+        variable_seq_lengths=parallel.pipeline_model_parallel_size > 1,
+        moe_token_dispatcher_type="alltoall",  # megatron rejects variable lengths otherwise
         recompute_granularity=cfg.recompute_granularity,
         recompute_method="uniform" if cfg.recompute_granularity == "full" else None,
         recompute_num_layers=1 if cfg.recompute_granularity == "full" else None,
@@ -111,7 +115,9 @@ def build_gpt_model(cfg: ModelConfig, parallel: ParallelConfig, pre_process=None
         share_embeddings_and_output_weights=cfg.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=cfg.rotary_base,
-        seq_len_interpolation_factor=cfg.rope_scaling_factor,
+        # Llama-3.1 style frequency scaling (not linear position interpolation).
+        rope_scaling=cfg.rope_scaling_factor is not None,
+        rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
     )
     if torch.cuda.is_available():
         model.cuda()

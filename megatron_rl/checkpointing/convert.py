@@ -1,0 +1,425 @@
+"""Hugging Face folder <-> megatron distributed checkpoint, one tensor at a time.
+
+hf-to-megatron runs on TP x PP ranks (torchrun, gloo): each rank builds its part of the model,
+fills every parameter from HF tensors read one by one out of the safetensors shards (the mapping is
+megatron_rl.models.hf_mapping), and megatron's dist_checkpointing writes the checkpoint. The
+checkpoint stores global tensors, so it loads into any layout whose padded vocabulary matches.
+
+megatron-to-hf needs no model and no layout: it reads one layer's slice of one stored tensor at a
+time (torch.distributed.checkpoint with a block-reading planner), maps it to HF tensors, and
+streams them into safetensors files whose headers are planned up front from the checkpoint
+metadata; peak memory is about the largest single tensor.
+
+MEGATRON_DIR also holds model_config.yaml (the ModelConfig) and hf_files/ (config.json, tokenizer
+and every other non-weight file of the source folder), so megatron-to-hf needs only --input.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import struct
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import yaml
+
+from megatron_rl.models.config import ModelConfig
+from megatron_rl.models.hf_mapping import (
+    ConversionError, expected_hf_shapes, hf_config_from_model_config, megatron_tensor_from_hf,
+    megatron_to_hf_tensors, model_config_from_hf)
+
+MODEL_CONFIG_FILE = "model_config.yaml"
+HF_FILES_DIR = "hf_files"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")
+_WEIGHT_FILES = {SAFETENSORS_INDEX, "pytorch_model.bin.index.json"}
+# HF stores these when present, but they are recomputed from the config.
+_IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face side
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: not found (an HF model folder needs config.json)") from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+class HFSafetensorsReader:
+    """Tensors of an HF folder by name, opened lazily one shard file at a time."""
+
+    def __init__(self, hf_dir: str):
+        self.hf_dir = hf_dir
+        index_path = os.path.join(hf_dir, SAFETENSORS_INDEX)
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                self.file_of: Dict[str, str] = json.load(f)["weight_map"]
+            missing = sorted({f for f in self.file_of.values()
+                              if not os.path.exists(os.path.join(hf_dir, f))})
+            if missing:
+                raise ConversionError(f"{index_path}: lists shard files that are missing: "
+                                      f"{', '.join(missing)}")
+        else:
+            files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+            if not files:
+                raise ConversionError(f"{hf_dir}: no *.safetensors files (only safetensors "
+                                      f"checkpoints are supported)")
+            from safetensors import safe_open
+
+            self.file_of = {}
+            for file in files:
+                with safe_open(os.path.join(hf_dir, file), framework="pt") as handle:
+                    self.file_of.update({name: file for name in handle.keys()})
+        self._handles = {}
+
+    def _handle(self, name: str):
+        from safetensors import safe_open
+
+        if name not in self.file_of:
+            raise ConversionError(f"{self.hf_dir}: tensor {name!r} is in no safetensors shard")
+        file = self.file_of[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(os.path.join(self.hf_dir, file), framework="pt")
+        return self._handles[file]
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def close(self) -> None:
+        """Unmap the shard files (their pages count in this process's memory while mapped)."""
+        self._handles.clear()
+
+    def check_against(self, cfg: ModelConfig) -> None:
+        """Refuse missing, unexpected or misshapen tensors before any model is built."""
+        expected = expected_hf_shapes(cfg)
+        missing = sorted(set(expected) - set(self.file_of))
+        if missing:
+            raise ConversionError(f"{self.hf_dir}: tensors missing from the safetensors shards: "
+                                  f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        allowed_extra = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+        unexpected = sorted(n for n in set(self.file_of) - set(expected) - allowed_extra
+                            if not n.endswith(_IGNORED_HF_TENSORS))
+        if unexpected:
+            raise ConversionError(f"{self.hf_dir}: tensors the model config has no place for: "
+                                  f"{', '.join(unexpected[:8])}"
+                                  f"{' ...' if len(unexpected) > 8 else ''}")
+        for name, shape in expected.items():
+            if self.shape(name) != shape:
+                raise ConversionError(f"{self.hf_dir}/{self.file_of[name]}: {name} has shape "
+                                      f"{self.shape(name)}, the config implies {shape}")
+
+
+def _copy_non_weight_files(src: str, dst: str) -> None:
+    os.makedirs(dst, exist_ok=True)
+    for entry in sorted(os.listdir(src)):
+        path = os.path.join(src, entry)
+        if os.path.isfile(path) and entry not in _WEIGHT_FILES and not entry.endswith(
+                _WEIGHT_SUFFIXES):
+            shutil.copy2(path, os.path.join(dst, entry))
+
+
+def _require_empty_output(path: str) -> None:
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise ConversionError(f"output {path} exists and is not an empty directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# hf-to-megatron
+
+
+def prepare_import(hf_dir: str, out_dir: str, tp: int, pp: int,
+                   make_vocab_size_divisible_by: int = 128,
+                   dtype: Optional[str] = None) -> Tuple[ModelConfig, HFSafetensorsReader]:
+    """Every check that needs no process group: config, layout, shard files, tensor shapes."""
+    from megatron_rl.config import ConfigError, JobConfig
+    from megatron_rl.parallel.config import ParallelConfig
+
+    cfg = model_config_from_hf(read_hf_config(hf_dir), os.path.join(hf_dir, "config.json"),
+                               make_vocab_size_divisible_by, dtype)
+    try:
+        JobConfig(model=cfg, parallel=ParallelConfig(tensor_model_parallel_size=tp,
+                                                     pipeline_model_parallel_size=pp)
+                  ).validate(world_size=tp * pp)
+    except (ConfigError, ValueError) as e:
+        raise ConversionError(f"layout --tp {tp} --pp {pp} does not fit "
+                              f"{os.path.join(hf_dir, 'config.json')}: {e}") from None
+    reader = HFSafetensorsReader(hf_dir)
+    reader.check_against(cfg)
+    _require_empty_output(out_dir)
+    return cfg, reader
+
+
+def tensor_parallel_shard(full: torch.Tensor, name: str, param, tp_rank: int,
+                          tp_size: int) -> torch.Tensor:
+    """This TP rank's shard of a full tensor: the inverse of parallel.gather.gather_tp_tensor."""
+    from megatron_rl.parallel.gather import is_gated_fc1
+
+    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    if is_gated_fc1(name):  # each rank holds [gate_r; up_r]
+        return torch.cat([half.chunk(tp_size, dim)[tp_rank] for half in full.chunk(2, dim)], dim)
+    return full.chunk(tp_size, dim)[tp_rank]
+
+
+def import_hf_checkpoint(hf_dir: str, out_dir: str, tp: int, pp: int,
+                         make_vocab_size_divisible_by: int = 128,
+                         dtype: Optional[str] = None) -> ModelConfig:
+    """Collective over TP x PP ranks (a 1-rank group when run plainly with tp = pp = 1)."""
+    import torch.distributed as dist
+
+    from megatron_rl.checkpointing.model import save_model
+    from megatron_rl.models.gpt import build_gpt_model
+    from megatron_rl.parallel import state
+    from megatron_rl.parallel.config import ParallelConfig
+    from megatron_rl.parallel.gather import global_layer_name
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp * pp:
+        raise ConversionError(f"--tp {tp} x --pp {pp} needs {tp * pp} processes, "
+                              f"this job has {world}")
+    cfg, reader = prepare_import(hf_dir, out_dir, tp, pp, make_vocab_size_divisible_by, dtype)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    info = state.initialize(parallel)
+    # The checkpoint is the same whichever layer spec builds it; the local one needs no TE.
+    model = build_gpt_model(dataclasses.replace(cfg, transformer_impl="local"), parallel)
+    padded_vocab = cfg.padded_vocab_size(tp)
+    with torch.no_grad():
+        for local_name, param in model.named_parameters():
+            name = global_layer_name(local_name, model)
+            full = megatron_tensor_from_hf(name, reader.get, cfg, padded_vocab)
+            param.copy_(tensor_parallel_shard(full, name, param, info.tp_rank, tp))
+            del full
+    reader.close()
+    save_model(model, out_dir)
+    if info.rank == 0:
+        with open(os.path.join(out_dir, MODEL_CONFIG_FILE), "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+        _copy_non_weight_files(hf_dir, os.path.join(out_dir, HF_FILES_DIR))
+    dist.barrier()
+    state.destroy()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# megatron-to-hf
+
+
+def read_model_config(path: str) -> ModelConfig:
+    """ModelConfig from MEGATRON_DIR/model_config.yaml, a file of that form, or a job config
+    YAML (its `model:` section)."""
+    from megatron_rl.config import ConfigError, from_dict, yaml_load
+
+    if os.path.isdir(path):
+        path = os.path.join(path, MODEL_CONFIG_FILE)
+    try:
+        with open(path) as f:
+            data = yaml_load(f) or {}
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: not found; pass --model-config with the job's config "
+                              f"YAML for checkpoints not written by hf-to-megatron") from None
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data = data["model"]
+    try:
+        return from_dict(ModelConfig, data, "model")
+    except ConfigError as e:
+        raise ConversionError(f"{path}: {e}") from None
+
+
+def _block_load_planner():
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class BlockLoadPlanner(DefaultLoadPlanner):
+        """Reads the block of stored global tensor `key` at `offsets` into `buffer`; megatron
+        stores each layer of `decoder.layers.*` as a slice along a leading layer axis."""
+
+        def __init__(self, key: str, buffer: torch.Tensor, offsets: Tuple[int, ...]):
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self.key, self.buffer, self.offsets = key, buffer, offsets
+
+        def create_local_plan(self):
+            chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets), sizes=self.buffer.shape)
+            return LoadPlan(create_read_items_for_chunk_list(
+                self.key, self.metadata.state_dict_metadata[self.key], [chunk]))
+
+        def resolve_tensor(self, read_item):
+            block = self.buffer  # dest_offsets are relative to the requested block
+            for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                block = block.narrow(dim, start, length)
+            return block
+
+        def commit_tensor(self, read_item, tensor):
+            pass  # resolve_tensor handed out views of the buffer
+
+    return BlockLoadPlanner
+
+
+class MegatronCheckpointReader:
+    """The stored model tensors of a megatron dist checkpoint, one layer block at a time, under
+    their per-layer megatron names (decoder.layers.<i>.<suffix>)."""
+
+    def __init__(self, checkpoint_dir: str, cfg: ModelConfig):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        if not os.path.exists(os.path.join(checkpoint_dir, ".metadata")):
+            raise ConversionError(f"{checkpoint_dir}: not a megatron torch_dist checkpoint "
+                                  f"(no .metadata file)")
+        self.checkpoint_dir = checkpoint_dir
+        self._reader = FileSystemReader(checkpoint_dir)
+        stored = self._reader.read_metadata().state_dict_metadata
+        self.stored = {k: v for k, v in stored.items() if isinstance(v, TensorStorageMetadata)
+                       and k.split(".")[0] in ("embedding", "decoder", "output_layer")}
+        for key, meta in self.stored.items():
+            if key.startswith("decoder.layers.") and meta.size[0] != cfg.num_layers:
+                raise ConversionError(f"{checkpoint_dir}: {key} stores {meta.size[0]} layers, "
+                                      f"model.num_layers={cfg.num_layers}")
+        self.layer_keys = [k for k in self.stored if k.startswith("decoder.layers.")]
+        self.other_keys = [k for k in self.stored if k not in self.layer_keys]
+        self.num_layers = cfg.num_layers
+
+    def blocks(self) -> List[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]]:
+        """(megatron name, stored key, offsets, block shape) in file order: embedding, layer by
+        layer, then final norm and output layer."""
+        out = []
+        first = [k for k in self.other_keys if k.startswith("embedding.")]
+        for key in first:
+            out.append((key, key, (0,) * len(self.stored[key].size), tuple(self.stored[key].size)))
+        for layer in range(self.num_layers):
+            for key in self.layer_keys:
+                size = tuple(self.stored[key].size)
+                name = f"decoder.layers.{layer}.{key[len('decoder.layers.'):]}"
+                out.append((name, key, (layer,) + (0,) * (len(size) - 1), (1,) + size[1:]))
+        for key in self.other_keys:
+            if key not in first:
+                out.append((key, key, (0,) * len(self.stored[key].size),
+                            tuple(self.stored[key].size)))
+        return out
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.stored[key].properties.dtype
+
+    def load(self, key: str, offsets: Tuple[int, ...], shape: Tuple[int, ...]) -> torch.Tensor:
+        from torch.distributed.checkpoint import load
+
+        buffer = torch.empty(shape, dtype=self.dtype(key))
+        load({key: buffer}, storage_reader=self._reader,
+             planner=_block_load_planner()(key, buffer, offsets), no_dist=True)
+        return buffer[0] if key in self.layer_keys else buffer
+
+
+def _safetensors_header(entries: List[Tuple[str, torch.dtype, Tuple[int, ...]]]) -> bytes:
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape in entries:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # tensor data starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text
+
+
+def _plan_shards(reader: MegatronCheckpointReader, cfg: ModelConfig, dtype: Optional[torch.dtype],
+                 max_shard_bytes: int):
+    """Group blocks into files of at most max_shard_bytes (a block's HF tensors stay together),
+    with each block's HF (name, dtype, shape) worked out on meta tensors."""
+    shards, current, current_bytes = [], [], 0
+    for block in reader.blocks():
+        name, key, _, shape = block
+        meta = torch.empty(shape[1:] if key in reader.layer_keys else shape, device="meta",
+                           dtype=dtype or reader.dtype(key))
+        outputs = [(n, t.dtype, tuple(t.shape)) for n, t in megatron_to_hf_tensors(name, meta, cfg)]
+        if not outputs:  # the tied output layer: HF has no copy of it
+            continue
+        nbytes = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size()
+                     for _, d, s in outputs)
+        if current and current_bytes + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append((block, outputs))
+        current_bytes += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _write_hf_config(reader_dir: str, out_dir: str, cfg: ModelConfig,
+                     dtype: Optional[str]) -> None:
+    """The source folder's config.json, tokenizer and other files as they were; config.json made
+    from the ModelConfig when there is no source folder, its dtype updated when tensors were cast."""
+    hf_files = os.path.join(reader_dir, HF_FILES_DIR)
+    if os.path.isdir(hf_files):
+        _copy_non_weight_files(hf_files, out_dir)
+    config_path = os.path.join(out_dir, "config.json")
+    if os.path.exists(config_path) and dtype is None:
+        return
+    config = read_hf_config(out_dir) if os.path.exists(config_path) else (
+        hf_config_from_model_config(cfg))
+    if dtype is not None:
+        config.pop("dtype", None)
+        config["torch_dtype"] = dtype
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def export_hf_checkpoint(checkpoint_dir: str, out_dir: str, model_config: Optional[str] = None,
+                         max_shard_bytes: int = 5 * 1024 ** 3,
+                         dtype: Optional[str] = None) -> List[str]:
+    """Write an HF folder (safetensors shards, index, config.json, tokenizer files) from a
+    megatron checkpoint saved in any layout; single process. Returns the shard file names."""
+    cfg = read_model_config(model_config or checkpoint_dir)
+    if dtype is not None and dtype not in _DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    cast = _DTYPES[dtype] if dtype else None
+    reader = MegatronCheckpointReader(checkpoint_dir, cfg)
+    _require_empty_output(out_dir)
+    shards = _plan_shards(reader, cfg, cast, max_shard_bytes)
+    planned = {n: s for shard in shards for _, outputs in shard for n, _, s in outputs}
+    expected = expected_hf_shapes(cfg)
+    missing = sorted(set(expected) - set(planned))
+    if missing:
+        raise ConversionError(f"{checkpoint_dir}: the checkpoint lacks tensors for "
+                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    for name, shape in planned.items():
+        if expected.get(name) != shape:
+            raise ConversionError(f"{checkpoint_dir}: {name} would have shape {shape}, "
+                                  f"model_config implies {expected.get(name)}")
+    os.makedirs(out_dir, exist_ok=True)
+    files, weight_map, total = [], {}, 0
+    for index, shard in enumerate(shards):
+        file = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        entries = [entry for _, outputs in shard for entry in outputs]
+        with open(os.path.join(out_dir, file), "wb") as f:
+            f.write(_safetensors_header(entries))
+            for (name, key, offsets, shape), outputs in shard:
+                block = reader.load(key, offsets, shape)
+                for (hf_name, tensor), (planned_name, _, _) in zip(
+                        megatron_to_hf_tensors(name, block, cfg), outputs):
+                    assert hf_name == planned_name
+                    tensor = tensor.to(cast or tensor.dtype).contiguous()
+                    f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+                    weight_map[hf_name] = file
+                    total += tensor.numel() * tensor.element_size()
+                del block
+        files.append(file)
+    with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    _write_hf_config(checkpoint_dir, out_dir, cfg, dtype)
+    return files
+
