@@ -16,8 +16,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from megatron_rl.algorithms.config import AlgorithmConfig
+from megatron_rl.data.config import DataConfig
 from megatron_rl.models.config import ModelConfig
 from megatron_rl.parallel.config import ParallelConfig
+from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.training.config import TrainingConfig
 
 
@@ -49,6 +51,8 @@ class JobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self, world_size: int) -> None:
         """Cross-component checks that need the world size (layout vs model shape)."""
@@ -67,6 +71,15 @@ class JobConfig:
             raise ConfigError(
                 f"model.num_layers={m.num_layers} is not divisible by "
                 f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}")
+        dp = p.data_parallel_size
+        if self.rollout.prompts_per_step % dp:
+            raise ConfigError(f"rollout.prompts_per_step={self.rollout.prompts_per_step} is not "
+                              f"divisible by the data parallel size {dp}")
+        sequences = self.rollout.prompts_per_step // dp * self.algorithm.n
+        if sequences % self.training.mini_batches:
+            raise ConfigError(
+                f"rollout.prompts_per_step / DP x algorithm.n = {sequences} sequences per rank "
+                f"is not divisible by training.mini_batches={self.training.mini_batches}")
         if p.sequence_parallel and p.tensor_model_parallel_size == 1:
             raise ConfigError("parallel.sequence_parallel=true needs "
                               "parallel.tensor_model_parallel_size > 1")

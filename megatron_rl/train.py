@@ -1,11 +1,11 @@
-"""The training job: `torchrun ... -m megatron_rl.train --config X.yaml [key.sub=value ...]`.
+"""The RL job: `torchrun ... -m megatron_rl.train --config X.yaml [key.sub=value ...]`.
 
-For now it runs the supervised warm start of the tiny model on the built-in addition task
-(the RL loop builds on it): data -> micro-batches -> megatron forward/backward -> optimizer step ->
-metrics, on any TP/PP/DP layout.
+One step: rollout -> reward -> advantages -> old log-probs -> PPO epochs over mini-batches ->
+weight sync -> metrics -> checkpoint. Runs on any TP/PP/DP layout megatron-core gives.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -19,8 +19,20 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="megatron-rl-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML job config (examples/*.yaml)")
+    parser.add_argument("--resume", default="none",
+                        help="'auto': continue from the newest checkpoint in "
+                             "training.output_dir/checkpoints if there is one; 'none'; or a path")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     return parser.parse_args(argv)
+
+
+def step_seed(*parts: int) -> int:
+    """A seed for one (step, rank, ...) that does not depend on what ran before: resumed runs
+    draw exactly what the uninterrupted run drew."""
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + int(p)) % (2 ** 62)
+    return seed
 
 
 def main(argv=None):
@@ -32,65 +44,185 @@ def main(argv=None):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:  # every config error surfaces here, before any process group starts
         cfg = load_config(args.config, args.overrides, world_size=world_size)
-        num_micro = cfg.training.num_micro_batches(cfg.parallel.data_parallel_size)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    from megatron_rl.data.synthetic import CharTokenizer, addition_problems, supervised_batch
+    from tqdm import tqdm
+
+    from megatron_rl.algorithms import compute_advantages, informative_groups, rollout_metrics
+    from megatron_rl.analysis import (entropy_law_metrics, probe_batch_logits,
+                                      probe_entropy_dynamics, save_probe)
+    from megatron_rl.analysis.validation import evaluate as evaluate_prompts
+    from megatron_rl.checkpointing.checkpoint import (latest_checkpoint, load_checkpoint,
+                                                      save_checkpoint)
+    from megatron_rl.data.synthetic import CharTokenizer, addition_prompts
     from megatron_rl.models.gpt import build_gpt_model
     from megatron_rl.parallel import state
+    from megatron_rl.rewards.synthetic import score
+    from megatron_rl.rollout import SamplingParams
+    from megatron_rl.rollout.builtin import BuiltinEngine
+    from megatron_rl.training.actor import compute_logprobs, train_mini_batch
     from megatron_rl.training.optimizer import build_lr_scheduler, build_optimizer, wrap_ddp
-    from megatron_rl.training.step import train_step
+    from megatron_rl.training.rl_batch import build_mini_batches, response_mask
+    from megatron_rl.training.sft import warm_start
 
     info = state.initialize(cfg.parallel)
+    from megatron.core import parallel_state as mpu
+
+    t, rc, alg = cfg.training, cfg.rollout, cfg.algorithm
     tokenizer = CharTokenizer()
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise SystemExit(f"model.vocab_size={cfg.model.vocab_size} is smaller than the synthetic "
                          f"tokenizer's {tokenizer.vocab_size}")
-    model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel))
-    optimizer = build_optimizer([model], cfg.training)
-    scheduler = build_lr_scheduler(optimizer, cfg.training)
-
-    out_dir = cfg.training.output_dir
     is_logger = info.is_last_pp_stage and info.tp_rank == 0 and info.dp_rank == 0
+    log = (lambda msg: tqdm.write(msg)) if is_logger else (lambda msg: None)
+    out_dir, ckpt_root = t.output_dir, os.path.join(t.output_dir, "checkpoints")
     if info.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
-    dist.barrier()
-    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if is_logger else None
 
-    per_rank = cfg.training.global_batch_size // info.dp_size
-    for step in range(1, cfg.training.steps + 1):
-        t0 = time.time()
-        problems = addition_problems(cfg.training.global_batch_size, digits=2,
-                                     seed=cfg.training.seed * 100003 + step)
-        mine = problems[info.dp_rank * per_rank: (info.dp_rank + 1) * per_rank]
-        tokens, labels, mask = supervised_batch(mine, tokenizer, cfg.training.seq_length)
-        micro = [dict(tokens=t.to(info.device), labels=l.to(info.device),
-                      loss_mask=m.to(info.device))
-                 for t, l, m in zip(tokens.chunk(num_micro), labels.chunk(num_micro),
-                                    mask.chunk(num_micro))]
-        metrics, ok, grad_norm = train_step([model], optimizer, micro)
-        scheduler.step(1)
-        if metrics:
-            loss = torch.stack([m["lm_loss"] for m in metrics]).mean()
-            from megatron.core import parallel_state as mpu
-            dist.all_reduce(loss, group=mpu.get_data_parallel_group())
-            loss = loss.item() / info.dp_size
+    model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel))
+    resume_from = latest_checkpoint(ckpt_root) if args.resume == "auto" else (
+        None if args.resume == "none" else args.resume)
+    if t.sft_steps and resume_from is None:
+        warm_start(model, cfg, info, log)
+    optimizer = build_optimizer([model], t)
+    scheduler = build_lr_scheduler(optimizer, t)
+    start_step, law_points = 0, []  # law_points: (entropy, validation accuracy) pairs
+    if resume_from is not None:
+        train_state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        start_step = train_state["step"]
+        law_points = [tuple(p) for p in train_state.get("law_points", [])]
+        log(f"resumed from {resume_from} at step {start_step}")
+    engine = BuiltinEngine(model, vocab_size=tokenizer.vocab_size, seed=rc.seed)
+    engine.weight_version = start_step
+    dp_group = mpu.get_data_parallel_group()
+
+    def dp_mean(value: float) -> float:
+        x = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(x, group=dp_group)
+        return x.item() / info.dp_size
+
+    eval_prompts = addition_prompts(cfg.data.eval_prompts, cfg.data.digits, cfg.data.eval_seed,
+                                    tokenizer)[info.dp_rank::info.dp_size]
+
+    def evaluate(step: int) -> dict:
+        return evaluate_prompts(engine, eval_prompts, tokenizer.decode, score,
+                                max_new_tokens=rc.max_new_tokens,
+                                stop_token_ids=(tokenizer.eos_id,), avg_k=t.eval_avg_k,
+                                temperature=t.eval_temperature,
+                                seed=step_seed(rc.seed, step, info.dp_rank, 7), dp_group=dp_group)
+
+    per_rank = rc.prompts_per_step // info.dp_size
+    sampling = SamplingParams(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
+                              max_new_tokens=rc.max_new_tokens, n=alg.n,
+                              stop_token_ids=(tokenizer.eos_id,))
+    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if is_logger else None
+    bar = tqdm(total=t.steps, initial=start_step, disable=not is_logger, desc="rl", unit="step",
+               dynamic_ncols=True)
+    if start_step == 0 and t.eval_interval:
+        record = dict(step=0, **evaluate(0))
         if is_logger:
-            record = dict(step=step, loss=loss, grad_norm=float(grad_norm or 0.0),
-                          lr=optimizer.param_groups[0]["lr"], update_ok=bool(ok),
-                          step_time_s=round(time.time() - t0, 4))
+            metrics_file.write(json.dumps(record) + "\n")
+    for step in range(start_step + 1, t.steps + 1):
+        t0 = time.time()
+        # 1. rollout: this DP rank's prompts, n samples each
+        prompts = addition_prompts(rc.prompts_per_step, cfg.data.digits,
+                                   step_seed(cfg.data.seed, step), tokenizer)
+        mine = prompts[info.dp_rank * per_rank: (info.dp_rank + 1) * per_rank]
+        samples = engine.generate([p for p, _ in mine], sampling,
+                                  seed=step_seed(rc.seed, step, info.dp_rank))
+        t_rollout = time.time() - t0
+        # 2. reward, 3. advantages (groups of n are contiguous and stay on one rank)
+        answers = [mine[s.prompt_index][1] for s in samples]
+        rewards = torch.tensor(score([tokenizer.decode(s.output_ids) for s in samples], answers),
+                               dtype=torch.float32)
+        resp_mask = response_mask(samples)
+        advantages = compute_advantages(alg, rewards, resp_mask)
+        keep = informative_groups(rewards, alg.n) if alg.filter_equal_groups else \
+            torch.ones_like(rewards, dtype=torch.bool)
+        minis = build_mini_batches(samples, advantages, keep, t.mini_batches, t.micro_batch_size,
+                                   info.device)
+        # 4. old log-probs: the policy that sampled, recomputed by the trainer
+        mismatch = []
+        for mini in minis:
+            old = compute_logprobs(model, mini, rc.temperature, tokenizer.vocab_size)
+            if old is not None:
+                for mb, lp in zip(mini, old):
+                    mb["old_logprobs"] = lp
+                    m = mb["loss_mask"]
+                    mismatch.append(float(((lp - mb["rollout_logprobs"]).abs() * m).sum()
+                                          / m.sum().clamp(min=1)))
+        # 5. train: PPO epochs over mini-batches, one optimizer step each
+        t1 = time.time()
+        step_metrics = []
+        probe = None
+        for epoch in range(t.ppo_epochs):
+            for index, mini in enumerate(minis):
+                probing = t.probe_interval and step % t.probe_interval == 0 and epoch == index == 0
+                if probing:  # logits of a fixed batch around this one optimizer step
+                    probe_inputs = mini[:1]
+                    before = probe_batch_logits(model, probe_inputs)
+                step_metrics.append(train_mini_batch(
+                    model, optimizer, mini, alg, rc.temperature, tokenizer.vocab_size,
+                    seed=step_seed(alg.seed, step, epoch, index)))
+                scheduler.step(1)
+                if probing:
+                    after = probe_batch_logits(model, probe_inputs)
+                    if after is not None:  # the last pipeline stage holds the logits
+                        probe = probe_entropy_dynamics(
+                            before, after, rc.temperature, mpu.get_tensor_model_parallel_group(),
+                            vocab_size=tokenizer.vocab_size, mask=probe_inputs[0]["loss_mask"],
+                            dp_group=dp_group)
+        t_train = time.time() - t1
+        # 6. weight sync: the built-in engine reads the trained weights in place
+        engine.update_weights()
+        # 7. metrics, evaluation, checkpoint
+        record = dict(step=step, reward_mean=dp_mean(float(rewards.mean())),
+                      lr=optimizer.param_groups[0]["lr"], weight_version=engine.weight_version,
+                      rollout_time_s=t_rollout, train_time_s=t_train,
+                      step_time_s=time.time() - t0)
+        record.update({f"rollout/{k}": v for k, v in rollout_metrics(
+            rewards, advantages, resp_mask, alg.n).items()})
+        for key in sorted({k for m in step_metrics for k in m}):
+            values = [m[key] for m in step_metrics if key in m]  # skipped updates lack most keys
+            record[key] = sum(values) / len(values)
+        if mismatch:
+            record["rollout_train_logprob_diff"] = sum(mismatch) / len(mismatch)
+        response_tokens = dp_mean(float(resp_mask.sum())) * info.dp_size
+        record["rollout_tokens_per_s"] = response_tokens / max(t_rollout, 1e-9)
+        if probe is not None:
+            record.update(probe.metrics)
+            if is_logger:
+                save_probe(out_dir, step, probe)
+        if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
+            record.update(evaluate(step))
+            if math.isfinite(record.get("entropy", float("nan"))):
+                law_points.append((record["entropy"], record["eval_accuracy"]))
+                record.update(entropy_law_metrics(law_points))
+        if is_logger:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-            if step % cfg.training.log_interval == 0 or step == cfg.training.steps:
-                print(f"step {step:4d}/{cfg.training.steps}  loss {loss:.4f}  "
-                      f"grad_norm {record['grad_norm']:.3f}  {record['step_time_s']:.2f}s/step",
-                      flush=True)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}",
+                            entropy=f"{record.get('entropy', float('nan')):.3f}",
+                            s_per_step=f"{record['step_time_s']:.2f}")
+            bar.update(1)
+            if step % t.log_interval == 0:
+                log(f"step {step}: reward {record['reward_mean']:.3f} entropy "
+                    f"{record.get('entropy', float('nan')):.4f} "
+                    + (f"eval_acc {record['eval_accuracy']:.3f} " if "eval_accuracy" in record
+                       else "") + f"{record['step_time_s']:.2f}s")
+        if (t.checkpoint_interval and step % t.checkpoint_interval == 0) or step == t.steps:
+            save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
+                            {"weight_version": engine.weight_version, "law_points": law_points}, keep=t.keep_checkpoints)
+    bar.close()
     if metrics_file:
         metrics_file.close()
+        from megatron_rl.analysis.plots import write_run_plots
+
+        log(f"plots: {', '.join(write_run_plots(out_dir))}")
     state.destroy()
     return 0
 

@@ -58,3 +58,9 @@ def supervised_batch(problems, tokenizer: CharTokenizer, seq_length: int):
         tokens[i, : len(ids)] = torch.tensor(ids)
         mask[i, len(p): len(ids)] = 1.0
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask[:, 1:].contiguous()
+
+
+def addition_prompts(count: int, digits: int, seed: int, tokenizer: CharTokenizer):
+    """`count` RL prompts: (token ids of "<bos>a+b=", answer string)."""
+    return [([tokenizer.bos_id] + tokenizer.encode(prompt), answer)
+            for prompt, answer in addition_problems(count, digits, seed)]

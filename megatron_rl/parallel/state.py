@@ -35,6 +35,14 @@ class ParallelInfo:
         return self.pp_rank == self.pp_size - 1
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def device_for_rank() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -58,10 +66,9 @@ def initialize(cfg: ParallelConfig) -> ParallelInfo:
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
+        if "WORLD_SIZE" not in os.environ:  # run plainly: a 1-rank group on a free local port
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(minutes=cfg.timeout_minutes),

@@ -21,11 +21,30 @@ class TrainingConfig:
     seed: int = 1234
     output_dir: str = "runs/default"
     log_interval: int = 1
+    # --- RL ---
+    mini_batches: int = 1  # optimizer steps per rollout step (per PPO epoch)
+    ppo_epochs: int = 1
+    eval_interval: int = 5  # greedy validation accuracy every N steps (0: never)
+    eval_avg_k: int = 0  # also sampled accuracy avg@k at eval_temperature (0: greedy only)
+    eval_temperature: float = 0.6  # the paper's evaluation temperature
+    # Entropy-dynamics probe every N steps (0: off): actual vs first-order predicted entropy
+    # change over the first optimizer step of the step (docs/analysis.md).
+    probe_interval: int = 0
+    checkpoint_interval: int = 0  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    # --- supervised warm start before RL (0 steps: none); its result is cached by config ---
+    sft_steps: int = 0
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 32
+    cache_dir: str = "runs/cache"
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "global_batch_size", "seq_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mini_batches < 1 or self.ppo_epochs < 1 or self.keep_checkpoints < 1:
+            raise ValueError("training.mini_batches, training.ppo_epochs and "
+                             "training.keep_checkpoints must be >= 1")
         if self.lr < 0 or self.clip_grad < 0:
             raise ValueError("training.lr and training.clip_grad must be >= 0")
 

@@ -1,0 +1,90 @@
+"""Training checkpoints: model, optimizer and LR scheduler through megatron dist_checkpointing,
+plus the step and the data position, written atomically and pruned to the last N.
+
+Layout: ROOT/step_00000012/ (a megatron distributed checkpoint + train_state.json) and
+ROOT/latest (the name of the newest complete one). A checkpoint is written to a temporary
+folder and renamed into place after every rank has finished, and `latest` is replaced with
+os.replace, so a crash mid-write leaves the previous checkpoint as the one `--resume auto` finds.
+"""
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch.distributed as dist
+
+from megatron_rl.checkpointing.model import _unwrap
+
+LATEST = "latest"
+STATE_FILE = "train_state.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _sharded_state(model, optimizer, is_loading: bool):
+    model_sd = _unwrap(model).sharded_state_dict()
+    return {"model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+
+
+def save_checkpoint(root: str, step: int, model, optimizer, scheduler, train_state: dict,
+                    keep: int = 2) -> str:
+    """Collective. Returns the checkpoint's folder."""
+    from megatron.core import dist_checkpointing
+
+    final = os.path.join(root, checkpoint_name(step))
+    tmp = os.path.join(root, f".tmp_{checkpoint_name(step)}")
+    if dist.get_rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed attempt
+        os.makedirs(tmp)
+    dist.barrier()
+    state = _sharded_state(model, optimizer, is_loading=False)
+    dist_checkpointing.save(state, tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump(dict(train_state, step=step, scheduler=scheduler.state_dict()), f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        pointer = os.path.join(root, f".{LATEST}.tmp")
+        with open(pointer, "w") as f:
+            f.write(checkpoint_name(step))
+        os.replace(pointer, os.path.join(root, LATEST))
+        _prune(root, keep)
+    dist.barrier()
+    return final
+
+
+def _prune(root: str, keep: int) -> None:
+    names = sorted(n for n in os.listdir(root) if n.startswith("step_"))
+    for name in names[:-keep]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The newest complete checkpoint under root, or None."""
+    try:
+        with open(os.path.join(root, LATEST)) as f:
+            name = f.read().strip()
+    except FileNotFoundError:
+        return None
+    path = os.path.join(root, name)
+    if not os.path.exists(os.path.join(path, STATE_FILE)):
+        raise RuntimeError(f"{root}/{LATEST} names {name}, which is incomplete or missing")
+    return path
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
+    """Collective. Loads into the current layout (any TP/PP layout it was saved with)."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), path)
+    _unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    with open(os.path.join(path, STATE_FILE)) as f:
+        train_state = json.load(f)
+    scheduler.load_state_dict(train_state.pop("scheduler"))
+    return train_state

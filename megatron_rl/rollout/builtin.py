@@ -1,0 +1,171 @@
+"""The built-in rollout engine: batched sampling on the megatron model itself, with megatron's
+static KV cache (StaticInferenceContext), for CPU runs and tests. No weight sync: it reads the
+training weights directly.
+
+Prompts of different lengths share one batch without padding: the batch is prefilled up to the
+shortest prompt, then every step feeds each sequence its next prompt token while it is still in
+its prompt, and a sampled token afterwards (megatron's static-batch scheme). Positions line up,
+so the causal KV cache is exact for every sequence.
+
+Tensor parallel: logits come out split over the vocabulary; they are gathered on every TP rank
+and every rank samples with the same seeded generator, so all ranks agree on the tokens.
+Pipeline parallel: each step's hidden states go stage to stage (send/recv), the last stage
+samples, and it broadcasts the new tokens and their log-probs to the other stages.
+"""
+from typing import List, Optional, Sequence
+
+import torch
+
+from megatron_rl.rollout.types import Sample, SamplingParams
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):  # DDP / Float16Module
+        model = model.module
+    return model
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) all but the top_k logits and the smallest set with mass >= top_p."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # keep a token when the mass strictly before it is < top_p (the first is always kept)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+class BuiltinEngine:
+    """generate(prompts, params) -> samples, on this rank's shard of the policy model.
+
+    Every rank of the model-parallel group must call generate with the same arguments (they run
+    the model together); data-parallel ranks call it with their own prompts.
+    """
+
+    def __init__(self, model, vocab_size: int, seed: int = 0):
+        from megatron.core import parallel_state as mpu
+
+        self.model = model
+        self.vocab_size = vocab_size  # the tokenizer's; padded vocab columns are never sampled
+        self.seed = seed
+        self.weight_version = 0
+        self._calls = 0
+
+    def update_weights(self) -> None:
+        """The engine reads the training weights in place; only the version moves."""
+        self.weight_version += 1
+
+    def _forward(self, model, tokens, positions, context):
+        """One forward over the pipeline: logits [b, s, V/TP] on the last stage, None elsewhere."""
+        from megatron.core import parallel_state as mpu
+
+        if mpu.get_pipeline_model_parallel_world_size() == 1:
+            return model(tokens, positions, None, inference_context=context)
+        b, s = tokens.shape
+        if not mpu.is_pipeline_first_stage():
+            hidden = torch.empty(s, b, model.config.hidden_size,
+                                 dtype=model.config.pipeline_dtype, device=tokens.device)
+            torch.distributed.recv(hidden, src=mpu.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
+        output = model(tokens, positions, None, inference_context=context)
+        if not mpu.is_pipeline_last_stage():
+            torch.distributed.send(output.contiguous(),
+                                   dst=mpu.get_pipeline_model_parallel_next_rank())
+            return None
+        return output
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seed: Optional[int] = None) -> List[Sample]:
+        from megatron.core import parallel_state as mpu
+        from megatron.core.inference.contexts import StaticInferenceContext
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        model = _unwrap(self.model)
+        device = next(model.parameters()).device
+        expanded = [list(p) for p in prompts for _ in range(params.n)]
+        batch = len(expanded)
+        lengths = torch.tensor([len(p) for p in expanded], device=device)
+        total = int(lengths.max()) + params.max_new_tokens
+        if total > model.max_sequence_length:
+            raise ValueError(f"prompt ({int(lengths.max())} tokens) + max_new_tokens "
+                             f"({params.max_new_tokens}) exceeds the model's "
+                             f"max_position_embeddings={model.max_sequence_length}")
+        tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
+        for i, p in enumerate(expanded):
+            tokens[i, : len(p)] = torch.tensor(p, device=device)
+        positions = torch.arange(total, device=device).unsqueeze(0).expand(batch, -1)
+        logprobs = torch.zeros(batch, total, device=device)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        end = lengths + params.max_new_tokens  # exclusive end of each sequence
+        finish = ["length"] * batch
+        stop_ids = torch.tensor(list(params.stop_token_ids), dtype=torch.long, device=device)
+
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed * 1000003 + self._calls if seed is None else seed)
+        self._calls += 1
+
+        was_training = model.training
+        model.eval()
+        context = StaticInferenceContext(batch, total)
+        start = int(lengths.min())
+        try:
+            for t in range(start, total):
+                if t == start:
+                    logits = self._forward(model, tokens[:, :t], positions[:, :t], context)
+                    context.sequence_len_offset += t
+                    context.enable_decode_mode()
+                else:
+                    logits = self._forward(model, tokens[:, t - 1: t], positions[:, t - 1: t],
+                                           context)
+                    context.sequence_len_offset += 1
+                if logits is not None:  # the last pipeline stage samples
+                    logits = gather_from_tensor_model_parallel_region(logits[:, -1].float())
+                    logits = logits[:, : self.vocab_size]
+                    scaled = logits / params.temperature if params.temperature > 0 else logits
+                    log_probs = torch.log_softmax(scaled, dim=-1)
+                    if params.temperature > 0:
+                        filtered = filter_logits(scaled, params.top_k, params.top_p)
+                        next_ids = torch.multinomial(filtered.softmax(-1), 1,
+                                                     generator=generator)[:, 0]
+                    else:
+                        next_ids = logits.argmax(-1)
+                    next_logprobs = log_probs.gather(-1, next_ids[:, None])[:, 0]
+                else:
+                    next_ids = torch.empty(batch, dtype=torch.long, device=device)
+                    next_logprobs = torch.empty(batch, device=device)
+                if mpu.get_pipeline_model_parallel_world_size() > 1:
+                    last = mpu.get_pipeline_model_parallel_last_rank()
+                    group = mpu.get_pipeline_model_parallel_group()
+                    torch.distributed.broadcast(next_ids, src=last, group=group)
+                    torch.distributed.broadcast(next_logprobs, src=last, group=group)
+                generating = (t >= lengths) & ~done & (t < end)
+                tokens[:, t] = torch.where(generating, next_ids, tokens[:, t])
+                logprobs[:, t] = torch.where(generating, next_logprobs, logprobs[:, t])
+                if stop_ids.numel():
+                    stopped = generating & torch.isin(next_ids, stop_ids)
+                    for i in stopped.nonzero()[:, 0].tolist():
+                        finish[i] = "stop"
+                    end = torch.where(stopped, t + 1, end)
+                    done |= stopped
+                done |= generating & (t + 1 >= end)
+                if bool(done.all()):
+                    break
+        finally:
+            model.train(was_training)
+
+        samples = []
+        for i, p in enumerate(expanded):
+            lo, hi = len(p), int(end[i])
+            samples.append(Sample(prompt_ids=p, output_ids=tokens[i, lo:hi].tolist(),
+                                  output_logprobs=logprobs[i, lo:hi].tolist(),
+                                  finish_reason=finish[i], weight_version=self.weight_version,
+                                  prompt_index=i // params.n))
+        return samples

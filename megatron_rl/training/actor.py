@@ -1,0 +1,137 @@
+"""The policy's two jobs on a rollout batch: log-probs without gradient (old / current policy)
+and the PPO-family update, through megatron's schedules on any TP/PP/DP layout.
+
+Log-probs and entropies come from the vocab-parallel op (megatron_rl.ops) on the output layer's
+logits shard, so [tokens, vocab] probabilities are never gathered. Losses are normalised by the
+mini-batch's global token / sequence counts and scaled back for megatron's averaging, so the
+update is the same whatever the micro-batch size and DP size (docs/algorithms.md).
+"""
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.algorithms import TokenStats, covariance_metrics, policy_loss, select_tokens
+from megatron_rl.algorithms.config import AlgorithmConfig
+from megatron_rl.ops import vocab_parallel_logprobs_entropy
+from megatron_rl.training.step import forward_backward
+
+
+def token_logprobs(batch: Dict, logits: torch.Tensor, temperature: float, vocab_size: int):
+    from megatron.core import parallel_state as mpu
+
+    return vocab_parallel_logprobs_entropy(logits, batch["targets"], temperature,
+                                           group=mpu.get_tensor_model_parallel_group(),
+                                           vocab_size=vocab_size)
+
+
+def model_inputs(micro_batches: List[Dict]) -> List[Dict]:
+    # No "labels" key: the model then returns logits (not megatron's cross-entropy).
+    return [dict(tokens=mb["tokens"]) for mb in micro_batches]
+
+
+@torch.no_grad()
+def compute_logprobs(model, micro_batches: List[Dict], temperature: float,
+                     vocab_size: int) -> Optional[List[torch.Tensor]]:
+    """Per-token log-probs of each micro-batch's targets [b, s] on the last pipeline stage
+    (None on the other stages)."""
+    from megatron.core import parallel_state as mpu
+
+    captured = []
+
+    def capture(batch, logits):
+        lp, _ = token_logprobs(batch, logits, temperature, vocab_size)
+        captured.append(lp)
+        return logits.new_zeros(()), {}
+
+    inputs = model_inputs(micro_batches)
+    for inp, mb in zip(inputs, micro_batches):
+        inp["targets"] = mb["targets"]
+    forward_backward([model], inputs, capture, forward_only=True)
+    return captured if mpu.is_pipeline_last_stage() else None
+
+
+def _flat_cat(micro_batches: List[Dict], key: str) -> torch.Tensor:
+    return torch.cat([mb[key].reshape(-1) for mb in micro_batches])
+
+
+def _split_like(flat: torch.Tensor, micro_batches: List[Dict]) -> List[torch.Tensor]:
+    sizes = [mb["loss_mask"].numel() for mb in micro_batches]
+    return [part.view_as(mb["loss_mask"]) for part, mb in zip(flat.split(sizes), micro_batches)]
+
+
+def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: AlgorithmConfig,
+                     temperature: float, vocab_size: int, seed: int) -> Dict[str, float]:
+    """One optimizer step on one mini-batch (this rank's micro-batches). Needs "old_logprobs" in
+    every micro-batch on the last stage. Returns metrics (token means over the whole
+    mini-batch across DP ranks) on the last stage, {} elsewhere."""
+    from megatron.core import parallel_state as mpu
+
+    dp_group = mpu.get_data_parallel_group()
+    dp_size = mpu.get_data_parallel_world_size()
+    last_stage = mpu.is_pipeline_last_stage()
+    counts = torch.tensor([sum(float(mb["loss_mask"].sum()) for mb in micro_batches),
+                           sum(float((mb["loss_mask"].sum(-1) > 0).sum()) for mb in micro_batches)],
+                          dtype=torch.float64)
+    dist.all_reduce(counts, group=dp_group)
+    num_tokens, num_sequences = counts.tolist()
+    if num_tokens == 0:
+        # Every group was filtered (all rewards equal): no gradient, and an Adam step on zero
+        # grads would still move the weights through its momentum. Same decision on all ranks.
+        return {"num_tokens": 0.0, "update_ok": 0.0} if last_stage else {}
+
+    # Clip-Cov / KL-Cov: one selection for the whole mini-batch over all DP ranks, before the
+    # micro-batch loop (the pipeline's last stage is where log-probs exist).
+    selected = [None] * len(micro_batches)
+    cov_metrics = {}
+    current = None
+    if cfg.loss_mode in ("clip_cov", "kl_cov") and cfg.cov_policy == "current":
+        # Every pipeline stage takes part in the forward; the log-probs exist on the last.
+        current_parts = compute_logprobs(model, micro_batches, temperature, vocab_size)
+        if last_stage:
+            current = torch.cat([lp.reshape(-1) for lp in current_parts])
+    if last_stage and cfg.loss_mode in ("clip_cov", "kl_cov"):
+        old = _flat_cat(micro_batches, "old_logprobs")
+        adv = _flat_cat(micro_batches, "advantages")
+        mask = _flat_cat(micro_batches, "loss_mask").bool()
+        flat_selected = select_tokens(cfg, current, old, adv, mask, seed=seed, group=dp_group)
+        selected = _split_like(flat_selected, micro_batches)
+        cov_metrics = covariance_metrics(current if current is not None else old, adv, mask,
+                                         flat_selected, group=dp_group)
+    elif last_stage:
+        cov_metrics = covariance_metrics(_flat_cat(micro_batches, "old_logprobs"),
+                                         _flat_cat(micro_batches, "advantages"),
+                                         _flat_cat(micro_batches, "loss_mask").bool(),
+                                         group=dp_group)
+
+    stats = TokenStats()
+    # megatron divides each micro-batch loss by their number, and DDP averages over DP ranks;
+    # the losses here are already shares of the global mean, so undo both.
+    scale = dp_size * len(micro_batches)
+
+    def loss_fn(batch, logits):
+        logprobs, entropy = token_logprobs(batch, logits, temperature, vocab_size)
+        loss, step_stats = policy_loss(
+            logprobs, batch["old_logprobs"], batch["advantages"], batch["loss_mask"], cfg,
+            selected=batch.get("selected"), entropy=entropy,
+            num_global_tokens=max(num_tokens, 1.0), num_global_sequences=max(num_sequences, 1.0))
+        stats.add(step_stats)
+        return loss * scale, {}
+
+    inputs = model_inputs(micro_batches)
+    for inp, mb, sel in zip(inputs, micro_batches, selected):
+        inp.update(targets=mb["targets"], old_logprobs=mb.get("old_logprobs"),
+                   advantages=mb["advantages"], loss_mask=mb["loss_mask"])
+        if sel is not None:
+            inp["selected"] = sel
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    forward_backward([model], inputs, loss_fn)
+    update_ok, grad_norm, _ = optimizer.step()
+    if not last_stage:
+        return {}
+    metrics = stats.reduce(dp_group)
+    metrics.update(cov_metrics)
+    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+    metrics["update_ok"] = float(bool(update_ok))
+    return metrics

@@ -1,0 +1,88 @@
+"""The built-in engine's tokens and log-probs equal a cache-free float64-checked recomputation
+with the same megatron model: greedy = argmax, log-probs = log_softmax(full forward)."""
+import warnings
+
+import pytest
+import torch
+
+from megatron_rl.config import load_config
+from megatron_rl.parallel import state
+from megatron_rl.rollout import SamplingParams
+from megatron_rl.rollout.builtin import BuiltinEngine, filter_logits
+
+warnings.filterwarnings("ignore")
+VOCAB = 300  # < padded 384: padded columns must never be sampled
+
+
+@pytest.fixture(scope="module")
+def model():
+    from megatron_rl.models.gpt import build_gpt_model
+
+    cfg = load_config(None, [f"model.vocab_size={VOCAB}", "model.num_layers=2"], world_size=1)
+    state.initialize(cfg.parallel)
+    m = build_gpt_model(cfg.model, cfg.parallel)
+    yield m
+    state.destroy()
+
+
+def full_forward_logprobs(model, sequence, temperature):
+    tokens = torch.tensor([sequence])
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(len(sequence))[None], None)[0, :, :VOCAB].double()
+    return torch.log_softmax(logits / temperature, -1)
+
+
+PROMPTS = [[5, 17, 3], [9], [4, 4, 4, 4, 4, 8], [250, 1]]
+
+
+def test_greedy_matches_argmax_of_full_forward(model):
+    engine = BuiltinEngine(model, vocab_size=VOCAB)
+    samples = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=7))
+    assert len(samples) == 4
+    for prompt, s in zip(PROMPTS, samples):
+        assert s.prompt_ids == prompt and len(s.output_ids) == 7 and s.finish_reason == "length"
+        seq = prompt + s.output_ids
+        ref = full_forward_logprobs(model, seq, 1.0)
+        for j, tok in enumerate(s.output_ids):
+            row = ref[len(prompt) + j - 1]
+            assert tok == int(row.argmax())
+            assert s.output_logprobs[j] == pytest.approx(float(row[tok]), abs=1e-4)
+
+
+def test_sampling_logprobs_stop_ids_and_n(model):
+    engine = BuiltinEngine(model, vocab_size=VOCAB, seed=3)
+    params = SamplingParams(temperature=0.7, max_new_tokens=12, n=3, stop_token_ids=(7, 11, 13))
+    samples = engine.generate(PROMPTS[:2], params)
+    assert [s.prompt_index for s in samples] == [0, 0, 0, 1, 1, 1]
+    assert len({tuple(s.output_ids) for s in samples[:3]}) > 1  # samples differ
+    for s in samples:
+        assert all(t < VOCAB for t in s.output_ids)
+        if s.finish_reason == "stop":
+            assert s.output_ids[-1] in (7, 11, 13)
+            assert not set(s.output_ids[:-1]) & {7, 11, 13}
+        else:
+            assert len(s.output_ids) == 12 and not set(s.output_ids) & {7, 11, 13}
+        ref = full_forward_logprobs(model, s.prompt_ids + s.output_ids, 0.7)
+        for j, tok in enumerate(s.output_ids):
+            assert s.output_logprobs[j] == pytest.approx(
+                float(ref[len(s.prompt_ids) + j - 1, tok]), abs=1e-4)
+    again = BuiltinEngine(model, vocab_size=VOCAB, seed=3).generate(PROMPTS[:2], params)
+    assert [s.output_ids for s in again] == [s.output_ids for s in samples]  # seeded
+
+
+def test_filter_logits():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    top_p = filter_logits(logits, -1, 0.75).softmax(-1)
+    torch.testing.assert_close(top_p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    top_k = filter_logits(logits, 3, 1.0).softmax(-1)
+    torch.testing.assert_close(top_k, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+
+
+def test_bad_requests(model):
+    engine = BuiltinEngine(model, vocab_size=VOCAB)
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.generate([[1], []], SamplingParams())
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        engine.generate([[1]], SamplingParams(max_new_tokens=10_000))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
