@@ -17,4 +17,6 @@ if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests" >&2
   exit 1
 fi
-exit "$rc"
+[ "$rc" -eq 0 ] || exit "$rc"
+# Small-config RL runs against stored metric curves (ci/regression/README.md).
+"$VENV/bin/python" ci/regression/run.py

@@ -120,8 +120,10 @@ def main(argv=None):
                               max_new_tokens=rc.max_new_tokens, n=alg.n,
                               stop_token_ids=(tokenizer.eos_id,))
     metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if is_logger else None
-    bar = tqdm(total=t.steps, initial=start_step, disable=not is_logger, desc="rl", unit="step",
-               dynamic_ncols=True)
+    # The bar only on a terminal: in log files its carriage returns are noise, and the
+    # log_interval lines say the same.
+    bar = tqdm(total=t.steps, initial=start_step, disable=not (is_logger and sys.stderr.isatty()),
+               desc="rl", unit="step", dynamic_ncols=True)
     if start_step == 0 and t.eval_interval:
         record = dict(step=0, **evaluate(0))
         if is_logger:
