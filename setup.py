@@ -100,6 +100,8 @@ setup(
         "psutil>=5.9",  # undeclared dependency of megatron-core's dist_checkpointing
         "pybind11>=2.12",
         "tqdm>=4.66",
+        "safetensors>=0.4",  # checkpoint conversion
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],

@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -37,6 +38,10 @@ def step_seed(*parts: int) -> int:
 
 def main(argv=None):
     args = parse_args(argv)
+    # Pre-emption: SIGTERM (sent by torchrun / Slurm to every rank) ends the current step, writes
+    # a checkpoint and exits; the flag is all-reduced so every rank stops at the same step.
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     # megatron-core warns at import about optional GPU packages (TE, apex) and experimental APIs.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     from megatron_rl.config import ConfigError, load_config, to_dict
@@ -128,6 +133,7 @@ def main(argv=None):
         record = dict(step=0, **evaluate(0))
         if is_logger:
             metrics_file.write(json.dumps(record) + "\n")
+    nonfinite_in_a_row = 0
     for step in range(start_step + 1, t.steps + 1):
         t0 = time.time()
         # 1. rollout: this DP rank's prompts, n samples each
@@ -216,9 +222,24 @@ def main(argv=None):
                     f"{record.get('entropy', float('nan')):.4f} "
                     + (f"eval_acc {record['eval_accuracy']:.3f} " if "eval_accuracy" in record
                        else "") + f"{record['step_time_s']:.2f}s")
-        if (t.checkpoint_interval and step % t.checkpoint_interval == 0) or step == t.steps:
+        skipped = any(m.get("nonfinite_skipped") for m in step_metrics)
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
+        stop = torch.tensor([1.0 if stop_requested else 0.0])
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if ((t.checkpoint_interval and step % t.checkpoint_interval == 0) or step == t.steps
+                or stop.item()):
             save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
-                            {"weight_version": engine.weight_version, "law_points": law_points}, keep=t.keep_checkpoints)
+                            {"weight_version": engine.weight_version, "law_points": law_points},
+                            keep=t.keep_checkpoints)
+        if stop.item():
+            log(f"SIGTERM: checkpoint of step {step} written to {ckpt_root}; exiting "
+                f"(continue with --resume auto)")
+            break
+        if nonfinite_in_a_row >= t.max_nonfinite_steps:
+            raise SystemExit(
+                f"{nonfinite_in_a_row} steps in a row had non-finite gradients (updates skipped, "
+                f"training.max_nonfinite_steps={t.max_nonfinite_steps}); the newest good "
+                f"checkpoint is {latest_checkpoint(ckpt_root)}")
     bar.close()
     if metrics_file:
         metrics_file.close()

@@ -66,13 +66,12 @@ def initialize(cfg: ParallelConfig) -> ParallelInfo:
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:  # run plainly: a 1-rank group on a free local port
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
-        )
+        timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
+        if "WORLD_SIZE" in os.environ:  # torchrun (env://)
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:  # run plainly: a 1-rank group on a free local port, without touching os.environ
+            dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
     world_size = dist.get_world_size()
     cfg.resolve_data_parallel(world_size)
     if mpu.model_parallel_is_initialized():

@@ -90,7 +90,15 @@ def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: Algorithm
         current_parts = compute_logprobs(model, micro_batches, temperature, vocab_size)
         if last_stage:
             current = torch.cat([lp.reshape(-1) for lp in current_parts])
-    if last_stage and cfg.loss_mode in ("clip_cov", "kl_cov"):
+    if last_stage and not _all_finite([current] + [mb[k] for mb in micro_batches
+                                                  for k in ("old_logprobs", "advantages")],
+                                      dp_group):
+        # A NaN/inf log-prob or advantage: no selection (it needs finite covariances); the loss
+        # turns non-finite too and grads_are_finite skips the update below.
+        if cfg.loss_mode in ("clip_cov", "kl_cov"):
+            selected = [torch.zeros_like(mb["loss_mask"], dtype=torch.bool)
+                        for mb in micro_batches]
+    elif last_stage and cfg.loss_mode in ("clip_cov", "kl_cov"):
         old = _flat_cat(micro_batches, "old_logprobs")
         adv = _flat_cat(micro_batches, "advantages")
         mask = _flat_cat(micro_batches, "loss_mask").bool()
@@ -127,11 +135,35 @@ def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: Algorithm
     model.zero_grad_buffer()
     optimizer.zero_grad()
     forward_backward([model], inputs, loss_fn)
-    update_ok, grad_norm, _ = optimizer.step()
+    if grads_are_finite(model):
+        update_ok, grad_norm, _ = optimizer.step()
+    else:  # weights and optimizer state stay as they were
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        update_ok, grad_norm = False, None
     if not last_stage:
-        return {}
+        return {"nonfinite_skipped": float(not update_ok)}
     metrics = stats.reduce(dp_group)
     metrics.update(cov_metrics)
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
     metrics["update_ok"] = float(bool(update_ok))
+    metrics["nonfinite_skipped"] = float(not update_ok)
     return metrics
+
+
+def _all_finite(tensors, group) -> bool:
+    local = all(bool(torch.isfinite(x).all()) for x in tensors if x is not None)
+    flag = torch.tensor([1.0 if local else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def grads_are_finite(model) -> bool:
+    """True when every gradient on every rank is finite (a NaN/inf loss leaves NaN gradients).
+    One all-reduce over the whole job, so every rank takes the same decision; checked before
+    the optimizer step because megatron's fp32 optimizer has no found-inf check of its own."""
+    local = all(bool(torch.isfinite(getattr(p, "main_grad", p.grad)).all())
+                for p in model.parameters() if getattr(p, "main_grad", p.grad) is not None)
+    flag = torch.tensor([1.0 if local else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

@@ -32,6 +32,8 @@ class TrainingConfig:
     probe_interval: int = 0
     checkpoint_interval: int = 0  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
+    # Updates with a NaN/inf gradient are skipped; this many skipped steps in a row stop the job.
+    max_nonfinite_steps: int = 3
     # --- supervised warm start before RL (0 steps: none); its result is cached by config ---
     sft_steps: int = 0
     sft_lr: float = 3e-3

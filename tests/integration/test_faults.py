@@ -1,0 +1,92 @@
+"""Faults the job must survive: non-finite gradients skip the update without touching weights
+or optimizer state; SIGTERM writes a checkpoint of the current step and exits cleanly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+from tests.torchrun import ROOT
+
+warnings.filterwarnings("ignore")
+
+
+def test_nonfinite_gradients_skip_the_update():
+    from megatron_rl.algorithms import AlgorithmConfig
+    from megatron_rl.config import load_config
+    from megatron_rl.models.gpt import build_gpt_model
+    from megatron_rl.parallel import state
+    from megatron_rl.training.actor import compute_logprobs, train_mini_batch
+    from megatron_rl.training.optimizer import build_optimizer, wrap_ddp
+
+    cfg = load_config(None, ["model.vocab_size=40", "model.make_vocab_size_divisible_by=8"],
+                      world_size=1)
+    state.initialize(cfg.parallel)
+    try:
+        model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel))
+        optimizer = build_optimizer([model], cfg.training)
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 40, (4, 10), generator=g)
+        batch = dict(tokens=tokens, targets=torch.roll(tokens, -1, 1),
+                     loss_mask=torch.ones(4, 10), advantages=torch.randn(4, 10, generator=g))
+        batch["old_logprobs"] = compute_logprobs(model, [batch], 1.0, 40)[0]
+        alg = AlgorithmConfig(loss_mode="kl_cov", k=0.1)
+
+        def snapshot():
+            params = [p.detach().clone() for p in model.parameters()]
+            opt = [{k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+                   for s in optimizer.optimizer.state.values()]
+            return params, opt
+
+        before = snapshot()
+        poisoned = dict(batch, advantages=batch["advantages"].clone())
+        poisoned["advantages"][1, 3] = float("nan")
+        metrics = train_mini_batch(model, optimizer, [poisoned], alg, 1.0, 40, seed=0)
+        assert metrics["nonfinite_skipped"] == 1.0 and metrics["update_ok"] == 0.0
+        after = snapshot()
+        assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+        assert len(before[1]) == len(after[1]) and all(
+            torch.equal(x[k], y[k]) for x, y in zip(before[1], after[1]) for k in x)
+
+        metrics = train_mini_batch(model, optimizer, [batch], alg, 1.0, 40, seed=0)
+        assert metrics["nonfinite_skipped"] == 0.0 and metrics["update_ok"] == 1.0
+        assert any(not torch.equal(a, p) for a, p in zip(before[0], model.parameters()))
+    finally:
+        state.destroy()
+
+
+def test_sigterm_checkpoints_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    common = ["--config", "examples/tiny_cpu.yaml", f"training.output_dir={out}",
+              f"training.cache_dir={tmp_path / 'cache'}", "training.sft_steps=20",
+              "training.eval_interval=0", "training.probe_interval=0",
+              "rollout.prompts_per_step=4", "algorithm.n=4"]
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_rl.train", *common,
+                             "training.steps=500"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    last = steps[-1]
+    assert 3 <= last < 500
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert latest == f"step_{last:08d}" and "SIGTERM: checkpoint of step" in stdout + stderr
+    resumed = subprocess.run([sys.executable, "-m", "megatron_rl.train", "--resume", "auto",
+                              *common, f"training.steps={last + 2}"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps[-2:] == [last + 1, last + 2]
