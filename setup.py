@@ -101,6 +101,9 @@ setup(
         "pybind11>=2.12",
         "tqdm>=4.66",
         "safetensors>=0.4",  # checkpoint conversion
+        "transformers>=4.45",  # HF tokenizers and chat templates of prompt datasets
+        "pyarrow>=14",  # parquet prompt datasets
+        "math-verify>=0.7",  # math answer rewards
         "matplotlib>=3.8",
     ],
     extras_require={

@@ -19,6 +19,7 @@ from megatron_rl.algorithms.config import AlgorithmConfig
 from megatron_rl.data.config import DataConfig
 from megatron_rl.models.config import ModelConfig
 from megatron_rl.parallel.config import ParallelConfig
+from megatron_rl.rewards.config import RewardConfig
 from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.training.config import TrainingConfig
 
@@ -53,6 +54,7 @@ class JobConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     def validate(self, world_size: int) -> None:
         """Cross-component checks that need the world size (layout vs model shape)."""
@@ -71,6 +73,9 @@ class JobConfig:
             raise ConfigError(
                 f"model.num_layers={m.num_layers} is not divisible by "
                 f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}")
+        if self.data.task == "dataset" and self.training.sft_steps:
+            raise ConfigError("training.sft_steps: the supervised warm start exists for the "
+                              "built-in addition task only; set it to 0 with data.task=dataset")
         dp = p.data_parallel_size
         if self.rollout.prompts_per_step % dp:
             raise ConfigError(f"rollout.prompts_per_step={self.rollout.prompts_per_step} is not "

@@ -61,10 +61,11 @@ def main(argv=None):
     from megatron_rl.analysis.validation import evaluate as evaluate_prompts
     from megatron_rl.checkpointing.checkpoint import (latest_checkpoint, load_checkpoint,
                                                       save_checkpoint)
-    from megatron_rl.data.synthetic import CharTokenizer, addition_prompts
+    from megatron_rl.data.task import build_task
     from megatron_rl.models.gpt import build_gpt_model
     from megatron_rl.parallel import state
-    from megatron_rl.rewards.synthetic import score
+    from megatron_rl.rewards.pool import RewardPool, load_reward_fn
+    from megatron_rl.rewards.synthetic import score as exact_score
     from megatron_rl.rollout import SamplingParams
     from megatron_rl.rollout.builtin import BuiltinEngine
     from megatron_rl.training.actor import compute_logprobs, train_mini_batch
@@ -76,10 +77,25 @@ def main(argv=None):
     from megatron.core import parallel_state as mpu
 
     t, rc, alg = cfg.training, cfg.rollout, cfg.algorithm
-    tokenizer = CharTokenizer()
-    if cfg.model.vocab_size < tokenizer.vocab_size:
-        raise SystemExit(f"model.vocab_size={cfg.model.vocab_size} is smaller than the synthetic "
-                         f"tokenizer's {tokenizer.vocab_size}")
+    task = build_task(cfg, step_seed)
+    if cfg.model.vocab_size < task.vocab_size:
+        raise SystemExit(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                         f"tokenizer's {task.vocab_size}")
+    # Verifiers other than exact match run in worker processes with a timeout (a hung or
+    # crashing check scores 0 and is counted, never stalls the step).
+    reward_pool = None if cfg.reward.fn == "exact" else RewardPool(
+        load_reward_fn(cfg.reward.fn, cfg.reward.allowed_modules), cfg.reward.workers,
+        cfg.reward.timeout_s, cfg.reward.memory_limit_mb)
+    reward_faults = {"timeout": 0, "error": 0, "memory": 0}
+
+    def score(responses, answers):
+        if reward_pool is None:
+            return exact_score(responses, answers)
+        rewards, counts = reward_pool.score(list(zip(responses, answers)))
+        for key, value in counts.items():
+            if key in reward_faults:
+                reward_faults[key] += value
+        return rewards
     is_logger = info.is_last_pp_stage and info.tp_rank == 0 and info.dp_rank == 0
     log = (lambda msg: tqdm.write(msg)) if is_logger else (lambda msg: None)
     out_dir, ckpt_root = t.output_dir, os.path.join(t.output_dir, "checkpoints")
@@ -101,7 +117,7 @@ def main(argv=None):
         start_step = train_state["step"]
         law_points = [tuple(p) for p in train_state.get("law_points", [])]
         log(f"resumed from {resume_from} at step {start_step}")
-    engine = BuiltinEngine(model, vocab_size=tokenizer.vocab_size, seed=rc.seed)
+    engine = BuiltinEngine(model, vocab_size=task.vocab_size, seed=rc.seed)
     engine.weight_version = start_step
     dp_group = mpu.get_data_parallel_group()
 
@@ -110,20 +126,19 @@ def main(argv=None):
         dist.all_reduce(x, group=dp_group)
         return x.item() / info.dp_size
 
-    eval_prompts = addition_prompts(cfg.data.eval_prompts, cfg.data.digits, cfg.data.eval_seed,
-                                    tokenizer)[info.dp_rank::info.dp_size]
+    eval_prompts = task.eval_prompts[info.dp_rank::info.dp_size]
 
     def evaluate(step: int) -> dict:
-        return evaluate_prompts(engine, eval_prompts, tokenizer.decode, score,
+        return evaluate_prompts(engine, eval_prompts, task.decode, score,
                                 max_new_tokens=rc.max_new_tokens,
-                                stop_token_ids=(tokenizer.eos_id,), avg_k=t.eval_avg_k,
+                                stop_token_ids=(task.eos_id,), avg_k=t.eval_avg_k,
                                 temperature=t.eval_temperature,
                                 seed=step_seed(rc.seed, step, info.dp_rank, 7), dp_group=dp_group)
 
     per_rank = rc.prompts_per_step // info.dp_size
     sampling = SamplingParams(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
                               max_new_tokens=rc.max_new_tokens, n=alg.n,
-                              stop_token_ids=(tokenizer.eos_id,))
+                              stop_token_ids=(task.eos_id,))
     metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if is_logger else None
     # The bar only on a terminal: in log files its carriage returns are noise, and the
     # log_interval lines say the same.
@@ -137,15 +152,14 @@ def main(argv=None):
     for step in range(start_step + 1, t.steps + 1):
         t0 = time.time()
         # 1. rollout: this DP rank's prompts, n samples each
-        prompts = addition_prompts(rc.prompts_per_step, cfg.data.digits,
-                                   step_seed(cfg.data.seed, step), tokenizer)
+        prompts = task.prompts_for_step(step, rc.prompts_per_step)
         mine = prompts[info.dp_rank * per_rank: (info.dp_rank + 1) * per_rank]
         samples = engine.generate([p for p, _ in mine], sampling,
                                   seed=step_seed(rc.seed, step, info.dp_rank))
         t_rollout = time.time() - t0
         # 2. reward, 3. advantages (groups of n are contiguous and stay on one rank)
         answers = [mine[s.prompt_index][1] for s in samples]
-        rewards = torch.tensor(score([tokenizer.decode(s.output_ids) for s in samples], answers),
+        rewards = torch.tensor(score([task.decode(s.output_ids) for s in samples], answers),
                                dtype=torch.float32)
         resp_mask = response_mask(samples)
         advantages = compute_advantages(alg, rewards, resp_mask)
@@ -156,7 +170,7 @@ def main(argv=None):
         # 4. old log-probs: the policy that sampled, recomputed by the trainer
         mismatch = []
         for mini in minis:
-            old = compute_logprobs(model, mini, rc.temperature, tokenizer.vocab_size)
+            old = compute_logprobs(model, mini, rc.temperature, task.vocab_size)
             if old is not None:
                 for mb, lp in zip(mini, old):
                     mb["old_logprobs"] = lp
@@ -174,7 +188,7 @@ def main(argv=None):
                     probe_inputs = mini[:1]
                     before = probe_batch_logits(model, probe_inputs)
                 step_metrics.append(train_mini_batch(
-                    model, optimizer, mini, alg, rc.temperature, tokenizer.vocab_size,
+                    model, optimizer, mini, alg, rc.temperature, task.vocab_size,
                     seed=step_seed(alg.seed, step, epoch, index)))
                 scheduler.step(1)
                 if probing:
@@ -182,7 +196,7 @@ def main(argv=None):
                     if after is not None:  # the last pipeline stage holds the logits
                         probe = probe_entropy_dynamics(
                             before, after, rc.temperature, mpu.get_tensor_model_parallel_group(),
-                            vocab_size=tokenizer.vocab_size, mask=probe_inputs[0]["loss_mask"],
+                            vocab_size=task.vocab_size, mask=probe_inputs[0]["loss_mask"],
                             dp_group=dp_group)
         t_train = time.time() - t1
         # 6. weight sync: the built-in engine reads the trained weights in place
@@ -201,6 +215,10 @@ def main(argv=None):
             record["rollout_train_logprob_diff"] = sum(mismatch) / len(mismatch)
         response_tokens = dp_mean(float(resp_mask.sum())) * info.dp_size
         record["rollout_tokens_per_s"] = response_tokens / max(t_rollout, 1e-9)
+        if reward_pool is not None:
+            record.update({f"reward/{k}_total": v for k, v in reward_faults.items()})
+        if task.skipped_rows and step == start_step + 1:
+            record.update({f"data/skipped_{k}": v for k, v in task.skipped_rows.items()})
         if probe is not None:
             record.update(probe.metrics)
             if is_logger:
@@ -241,6 +259,8 @@ def main(argv=None):
                 f"training.max_nonfinite_steps={t.max_nonfinite_steps}); the newest good "
                 f"checkpoint is {latest_checkpoint(ckpt_root)}")
     bar.close()
+    if reward_pool is not None:
+        reward_pool.close()
     if metrics_file:
         metrics_file.close()
         from megatron_rl.analysis.plots import write_run_plots

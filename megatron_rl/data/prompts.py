@@ -1,0 +1,218 @@
+"""Prompt datasets from jsonl / parquet files (verl / DAPO layout) and local HF tokenizers.
+
+A row holds a prompt (plain text or a list of chat messages) and a ground-truth answer, e.g. verl's
+{"prompt": [{"role": "user", "content": "..."}], "reward_model": {"ground_truth": "42"}}.
+Prompts are tokenized once at load time; the trainer samples them with `PromptDataset.batch`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+class DataError(ValueError):
+    """A prompt file or row that cannot be used; the message names file, row/line and field."""
+
+
+class _RowError(Exception):
+    """Internal: a bad row, before the file/row location is attached."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class PromptDataset:
+    examples: list[tuple[list[int], str]]  # (prompt token ids, ground-truth answer)
+    skipped: Counter = field(default_factory=Counter)  # skip reason -> rows (on_invalid="skip")
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _epoch_order(self, seed: int, epoch: int) -> list[int]:
+        # One epoch's permutation depends only on (seed, epoch), so a resumed run at step s sees
+        # exactly the prompts the original run saw; the last epoch is cached because consecutive
+        # steps almost always share it.
+        cached = getattr(self, "_order_cache", None)
+        if cached is not None and cached[0] == (seed, epoch):
+            return cached[1]
+        # torch's CPU generator keeps only the low 32 bits of a seed, so (seed, epoch) is hashed
+        # into 32 bits rather than packed into one 64-bit number.
+        mixed = int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=4).digest(), "little")
+        generator = torch.Generator().manual_seed(mixed)
+        order = torch.randperm(len(self.examples), generator=generator).tolist()
+        self._order_cache = ((seed, epoch), order)
+        return order
+
+    def batch(self, step: int, count: int, seed: int) -> list[tuple[list[int], str]]:
+        """The `count` examples of training step `step`: positions step*count .. step*count+count-1
+        of the stream of shuffled epochs (wrapping into the next epoch's order mid-batch)."""
+        if not self.examples:
+            raise DataError(f"{self.source}: no usable prompts")
+        if step < 0 or count < 1:
+            raise ValueError(f"batch needs step >= 0 and count >= 1, got step={step}, count={count}")
+        size = len(self.examples)
+        out = []
+        for position in range(step * count, (step + 1) * count):
+            epoch, offset = divmod(position, size)
+            out.append(self.examples[self._epoch_order(seed, epoch)[offset]])
+        return out
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The HF tokenizer (with its chat template) saved in a local model folder; never downloads."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"tokenizer folder {model_dir} does not exist (only local folders are supported)")
+    return AutoTokenizer.from_pretrained(os.fspath(model_dir), local_files_only=True)
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # blank lines (e.g. a doubled trailing newline) carry no row
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"line {line_number}", _RowError("malformed", f"malformed JSON ({e.msg} at column {e.colno})")
+                continue
+            yield f"line {line_number}", row
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[str, Any]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        parquet_file = pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from e
+    row_index = 0
+    # Record batches keep memory bounded for large files; nested structs come back as dicts.
+    for record_batch in parquet_file.iter_batches():
+        for row in record_batch.to_pylist():
+            yield f"row {row_index}", row
+            row_index += 1
+
+
+def _lookup(row: dict, key: str) -> Any:
+    """`row[key]`, where a dotted key walks nested dicts unless the row has the literal key."""
+    if key in row:
+        value = row[key]
+    else:
+        value = row
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise _RowError("missing_field", f"field '{key}' missing")
+            value = value[part]
+    if value is None:
+        raise _RowError("missing_field", f"field '{key}' missing")
+    return value
+
+
+def _answer_text(row: dict, answer_key: str) -> str:
+    answer = _lookup(row, answer_key)
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise _RowError("invalid_field", f"field '{answer_key}' must be a string or number, got {type(answer).__name__}")
+    answer = str(answer)
+    if not answer.strip():
+        raise _RowError("invalid_field", f"field '{answer_key}' is empty")
+    return answer
+
+
+def _chat_messages(prompt: Any, prompt_key: str) -> list[dict] | None:
+    """The prompt as chat messages, or None when it is plain text."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise _RowError("empty_prompt", f"field '{prompt_key}' is empty")
+        return None
+    if not isinstance(prompt, list):
+        raise _RowError("invalid_field", f"field '{prompt_key}' must be a string or a list of chat messages, got {type(prompt).__name__}")
+    for i, message in enumerate(prompt):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+            raise _RowError("invalid_field", f"field '{prompt_key}' message {i} must have string 'role' and 'content'")
+    if not any(message["content"].strip() for message in prompt):
+        raise _RowError("empty_prompt", f"field '{prompt_key}' is empty")
+    # Only role/content go to the template: parquet structs add null columns for absent keys.
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def load_prompt_dataset(
+    path: str | os.PathLike,
+    tokenizer,
+    *,
+    max_prompt_tokens: int,
+    prompt_key: str = "prompt",
+    answer_key: str = "reward_model.ground_truth",
+    on_invalid: Literal["error", "skip"] = "error",
+    apply_chat_template: bool = True,
+) -> PromptDataset:
+    """Tokenize every row of a .jsonl or .parquet prompt file.
+
+    A bad row (malformed JSON, missing/mistyped field, empty prompt, prompt longer than
+    `max_prompt_tokens`) raises DataError naming file, line (jsonl, 1-based) or row (parquet,
+    0-based) and field; with on_invalid="skip" it is dropped and counted in `skipped` by reason.
+    Prompts are never truncated. A plain-text prompt becomes a single user message when the
+    tokenizer has a chat template and `apply_chat_template`; chat-message prompts need one.
+    """
+    path = os.fspath(path)
+    if on_invalid not in ("error", "skip"):
+        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+    if max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    if path.endswith(".jsonl"):
+        rows = _iter_jsonl(path)
+    elif path.endswith(".parquet"):
+        rows = _iter_parquet(path)
+    else:
+        raise DataError(f"{path}: unsupported prompt file type (expected .jsonl or .parquet)")
+    use_template = apply_chat_template and getattr(tokenizer, "chat_template", None) is not None
+
+    dataset = PromptDataset(examples=[], source=path)
+    for location, row in rows:
+        try:
+            if isinstance(row, _RowError):
+                raise row
+            if not isinstance(row, dict):
+                raise _RowError("malformed", f"row must be a JSON object, got {type(row).__name__}")
+            prompt = _lookup(row, prompt_key)
+            messages = _chat_messages(prompt, prompt_key)
+            answer = _answer_text(row, answer_key)
+            if messages is not None and not use_template:
+                # A configuration problem, not a bad row: skipping would drop every row.
+                raise DataError(
+                    f"{path} {location}: field '{prompt_key}' holds chat messages, which need a tokenizer "
+                    "chat template and apply_chat_template=True")
+            if use_template:
+                ids = tokenizer.apply_chat_template(
+                    messages or [{"role": "user", "content": prompt}],
+                    add_generation_prompt=True, tokenize=True, return_dict=False)
+            else:
+                ids = tokenizer.encode(prompt)
+            if len(ids) > max_prompt_tokens:
+                raise _RowError("too_long", f"field '{prompt_key}' is {len(ids)} tokens, over max_prompt_tokens={max_prompt_tokens}")
+        except _RowError as e:
+            if on_invalid == "error":
+                raise DataError(f"{path} {location}: {e}") from None
+            dataset.skipped[e.reason] += 1
+            continue
+        dataset.examples.append((list(ids), answer))
+
+    if dataset.skipped:
+        logger.warning("%s: skipped %d invalid rows (%s); kept %d", path, sum(dataset.skipped.values()),
+                       ", ".join(f"{k}={v}" for k, v in sorted(dataset.skipped.items())), len(dataset.examples))
+    if not dataset.examples:
+        raise DataError(f"{path}: no usable prompts")
+    return dataset

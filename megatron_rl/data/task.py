@@ -1,0 +1,45 @@
+"""What the RL loop needs from a task: token ids of each step's prompts with their answers,
+held-out prompts, how to read a response, and the vocabulary the model must cover."""
+from dataclasses import dataclass
+from typing import Callable, List, Tuple
+
+from megatron_rl.data.synthetic import CharTokenizer, addition_prompts
+
+Prompt = Tuple[List[int], str]  # (prompt token ids, ground-truth answer)
+
+
+@dataclass
+class Task:
+    vocab_size: int
+    eos_id: int
+    decode: Callable[[List[int]], str]
+    prompts_for_step: Callable[[int, int], List[Prompt]]  # (step, count) -> prompts
+    eval_prompts: List[Prompt]
+    skipped_rows: dict
+
+
+def build_task(cfg, step_seed: Callable[..., int]) -> Task:
+    d = cfg.data
+    if d.task == "addition":
+        tokenizer = CharTokenizer()
+        return Task(
+            vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, decode=tokenizer.decode,
+            prompts_for_step=lambda step, count: addition_prompts(
+                count, d.digits, step_seed(d.seed, step), tokenizer),
+            eval_prompts=addition_prompts(d.eval_prompts, d.digits, d.eval_seed, tokenizer),
+            skipped_rows={})
+    from megatron_rl.data.prompts import load_prompt_dataset, load_tokenizer
+
+    tokenizer = load_tokenizer(d.tokenizer_dir)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {d.tokenizer_dir} has no eos token to stop on")
+    dataset = load_prompt_dataset(d.path, tokenizer, prompt_key=d.prompt_key,
+                                  answer_key=d.answer_key, max_prompt_tokens=d.max_prompt_tokens,
+                                  on_invalid=d.on_invalid, apply_chat_template=d.apply_chat_template)
+    return Task(
+        vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id,
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        prompts_for_step=lambda step, count: dataset.batch(step, count, d.seed),
+        # No separate eval file yet: a fixed draw from the training prompts.
+        eval_prompts=dataset.batch(0, d.eval_prompts, d.eval_seed),
+        skipped_rows=dict(dataset.skipped))

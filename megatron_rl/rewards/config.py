@@ -1,0 +1,19 @@
+"""Reward config: which verifier, and how its checks are isolated."""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class RewardConfig:
+    # "exact" (the synthetic tasks; scored in the trainer process), "math" (math-verify) or
+    # "package.module:function" of a user module listed in allowed_modules. Everything but
+    # "exact" runs in worker processes with a timeout and a memory cap.
+    fn: str = "exact"
+    allowed_modules: List[str] = field(default_factory=list)
+    workers: int = 2
+    timeout_s: float = 10.0
+    memory_limit_mb: Optional[int] = 2048
+
+    def __post_init__(self):
+        if self.workers < 1 or self.timeout_s <= 0:
+            raise ValueError("reward.workers must be >= 1 and reward.timeout_s > 0")
