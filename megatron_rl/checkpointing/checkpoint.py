@@ -23,10 +23,19 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _sharded_state(model, optimizer, is_loading: bool):
+def optimizer_has_state(optimizer) -> bool:
+    """False for an optimizer that has not stepped yet (e.g. every update so far was skipped):
+    it is saved without its (empty) state and comes back fresh, which is the same thing."""
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return any(len(state) for opt in inner for state in opt.optimizer.state.values())
+
+
+def _sharded_state(model, optimizer, is_loading: bool, with_optimizer: bool):
     model_sd = _unwrap(model).sharded_state_dict()
-    return {"model": model_sd,
-            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+    state = {"model": model_sd}
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    return state
 
 
 def save_checkpoint(root: str, step: int, model, optimizer, scheduler, train_state: dict,
@@ -41,12 +50,13 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, train_sta
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed attempt
         os.makedirs(tmp)
     dist.barrier()
-    state = _sharded_state(model, optimizer, is_loading=False)
-    dist_checkpointing.save(state, tmp)
+    with_optimizer = optimizer_has_state(optimizer)
+    dist_checkpointing.save(_sharded_state(model, optimizer, False, with_optimizer), tmp)
     dist.barrier()
     if dist.get_rank() == 0:
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(dict(train_state, step=step, scheduler=scheduler.state_dict()), f)
+            json.dump(dict(train_state, step=step, scheduler=scheduler.state_dict(),
+                           optimizer_state=with_optimizer), f)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         pointer = os.path.join(root, f".{LATEST}.tmp")
@@ -81,10 +91,12 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     """Collective. Loads into the current layout (any TP/PP layout it was saved with)."""
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), path)
-    _unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
     with open(os.path.join(path, STATE_FILE)) as f:
         train_state = json.load(f)
+    with_optimizer = train_state.pop("optimizer_state", True)
+    state = dist_checkpointing.load(_sharded_state(model, optimizer, True, with_optimizer), path)
+    _unwrap(model).load_state_dict(state["model"])
+    if with_optimizer:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(train_state.pop("scheduler"))
     return train_state

@@ -90,3 +90,40 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps[-2:] == [last + 1, last + 2]
+
+
+def test_crash_mid_checkpoint_leaves_previous_loadable(tmp_path):
+    """A writer killed mid-save leaves a .tmp_ folder; `latest` still names the previous,
+    complete checkpoint, which loads; the next save clears the leftovers."""
+    from megatron_rl.checkpointing.checkpoint import (latest_checkpoint, load_checkpoint,
+                                                      save_checkpoint)
+    from megatron_rl.config import load_config
+    from megatron_rl.models.gpt import build_gpt_model
+    from megatron_rl.parallel import state
+    from megatron_rl.training.optimizer import build_lr_scheduler, build_optimizer, wrap_ddp
+
+    cfg = load_config(None, ["model.vocab_size=40", "model.make_vocab_size_divisible_by=8"],
+                      world_size=1)
+    state.initialize(cfg.parallel)
+    try:
+        model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel))
+        optimizer = build_optimizer([model], cfg.training)
+        scheduler = build_lr_scheduler(optimizer, cfg.training)
+        root = tmp_path / "ckpt"
+        save_checkpoint(str(root), 1, model, optimizer, scheduler, {"note": "good"})
+        saved = [p.detach().clone() for p in model.parameters()]
+        # What a kill -9 during the save of step 2 leaves behind: a half-written temp folder.
+        partial = root / ".tmp_step_00000002"
+        partial.mkdir()
+        (partial / "__0_0.distcp").write_bytes(b"\x00" * 100)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        path = latest_checkpoint(str(root))
+        assert path.endswith("step_00000001")
+        assert load_checkpoint(path, model, optimizer, scheduler)["note"] == "good"
+        assert all(torch.equal(a, b) for a, b in zip(saved, model.parameters()))
+        save_checkpoint(str(root), 2, model, optimizer, scheduler, {})
+        assert sorted(os.listdir(root)) == ["latest", "step_00000001", "step_00000002"]
+    finally:
+        state.destroy()
