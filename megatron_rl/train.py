@@ -36,6 +36,35 @@ def step_seed(*parts: int) -> int:
     return seed
 
 
+def open_scalar_sinks(cfg, out_dir: str):
+    """Functions that take a metrics record: TensorBoard (training.tensorboard) and wandb
+    (training.wandb_project), besides metrics.jsonl which is always written."""
+    sinks = []
+    numeric = lambda record: {k: v for k, v in record.items()  # noqa: E731
+                              if isinstance(v, (int, float)) and k != "step"}
+    if cfg.training.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+        def to_tensorboard(record):
+            for key, value in numeric(record).items():
+                writer.add_scalar(key, value, record["step"])
+            writer.flush()
+
+        sinks.append(to_tensorboard)
+    if cfg.training.wandb_project:
+        try:
+            import wandb
+        except ImportError as e:
+            raise SystemExit("training.wandb_project is set but wandb is not installed") from e
+        from megatron_rl.config import to_dict
+
+        run = wandb.init(project=cfg.training.wandb_project, config=to_dict(cfg), dir=out_dir)
+        sinks.append(lambda record: run.log(numeric(record), step=record["step"]))
+    return sinks
+
+
 def main(argv=None):
     args = parse_args(argv)
     # Pre-emption: SIGTERM (sent by torchrun / Slurm to every rank) ends the current step, writes
@@ -140,6 +169,7 @@ def main(argv=None):
                               max_new_tokens=rc.max_new_tokens, n=alg.n,
                               stop_token_ids=(task.eos_id,))
     metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if is_logger else None
+    scalar_sinks = open_scalar_sinks(cfg, out_dir) if is_logger else []
     # The bar only on a terminal: in log files its carriage returns are noise, and the
     # log_interval lines say the same.
     bar = tqdm(total=t.steps, initial=start_step, disable=not (is_logger and sys.stderr.isatty()),
@@ -231,6 +261,8 @@ def main(argv=None):
         if is_logger:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            for sink in scalar_sinks:
+                sink(record)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}",
                             entropy=f"{record.get('entropy', float('nan')):.3f}",
                             s_per_step=f"{record['step_time_s']:.2f}")

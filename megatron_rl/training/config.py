@@ -1,6 +1,6 @@
 """Training config: batch sizes, optimiser, schedule, run folder."""
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 
 @dataclass
@@ -21,6 +21,8 @@ class TrainingConfig:
     seed: int = 1234
     output_dir: str = "runs/default"
     log_interval: int = 1
+    tensorboard: bool = True  # scalars to OUTPUT_DIR/tensorboard
+    wandb_project: Optional[str] = None  # also log to Weights & Biases when set (needs wandb)
     # --- RL ---
     mini_batches: int = 1  # optimizer steps per rollout step (per PPO epoch)
     ppo_epochs: int = 1

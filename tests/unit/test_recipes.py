@@ -1,0 +1,53 @@
+"""The Qwen2.5 recipes load at the world size their launch scripts use and carry the paper's
+settings (arXiv 2505.22617 Sec. 4) and the Qwen2.5 architectures."""
+import pytest
+
+from megatron_rl.config import load_config
+
+QWEN25 = {  # layers, hidden, ffn, heads, KV groups, rms eps
+    "7b": (28, 3584, 18944, 28, 4, 1e-6),
+    "32b": (64, 5120, 27648, 40, 8, 1e-5),
+}
+LAYOUT = {  # world size of the launch script, TP, PP, resulting DP
+    "7b": (8, 4, 1, 2),  # 1 node x 8 GPUs
+    "32b": (32, 8, 2, 2),  # examples/slurm_qwen2.5_32b.sbatch: 4 nodes x 8 GPUs
+}
+LR = {"7b": 5e-7, "32b": 1e-6}
+KL_COV_K = {"7b": 2e-3, "32b": 2e-4}
+LOSS_MODE = {"grpo": "ppo_clip", "clip_cov": "clip_cov", "kl_cov": "kl_cov"}
+
+
+@pytest.mark.parametrize("size", ["7b", "32b"])
+@pytest.mark.parametrize("method", ["grpo", "clip_cov", "kl_cov"])
+def test_recipe_loads_with_paper_settings(size, method):
+    world, tp, pp, dp = LAYOUT[size]
+    cfg = load_config(f"examples/qwen2.5-{size}/{method}.yaml", [], world_size=world)
+    m, p, t, r, a = cfg.model, cfg.parallel, cfg.training, cfg.rollout, cfg.algorithm
+    layers, hidden, ffn, heads, groups, eps = QWEN25[size]
+    assert (m.arch, m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
+            m.num_query_groups) == ("qwen2", layers, hidden, ffn, heads, groups)
+    assert (m.vocab_size, m.padded_vocab_size(tp)) == (152064, 152064)
+    assert (m.rotary_base, m.norm_epsilon, m.tie_word_embeddings, m.params_dtype) == \
+        (1e6, eps, False, "bfloat16")
+    assert m.max_position_embeddings >= t.seq_length == 2048 + 8192
+    assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+            p.data_parallel_size) == (tp, pp, dp)
+    assert (r.prompts_per_step, a.n, r.temperature, r.max_new_tokens) == (256, 8, 1.0, 8192)
+    assert (t.mini_batches, t.ppo_epochs, t.lr, t.eval_temperature) == (8, 1, LR[size], 0.6)
+    assert a.filter_equal_groups and a.advantage_estimator == "grpo"
+    assert a.loss_mode == LOSS_MODE[method]
+    if method == "clip_cov":
+        assert (a.r, a.omega_low, a.omega_high) == (2e-4, 1.0, 5.0)
+    if method == "kl_cov":
+        assert (a.k, a.beta) == (KL_COV_K[size], 1.0)
+    assert t.output_dir == f"runs/qwen2.5-{size}/{method}"
+
+
+def test_32b_also_loads_on_two_nodes():
+    cfg = load_config("examples/qwen2.5-32b/grpo.yaml", [], world_size=16)
+    assert cfg.parallel.data_parallel_size == 1
+
+
+def test_slurm_script_launches_the_world_size_the_test_assumes():
+    text = open("examples/slurm_qwen2.5_32b.sbatch").read()
+    assert "#SBATCH --nodes=4" in text and "#SBATCH --gpus-per-node=8" in text
