@@ -133,12 +133,17 @@ def main(argv=None):
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
 
-    model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel))
+    model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel), t.use_distributed_optimizer)
     resume_from = latest_checkpoint(ckpt_root) if args.resume == "auto" else (
         None if args.resume == "none" else args.resume)
+    if t.init_checkpoint and resume_from is None:
+        from megatron_rl.checkpointing.model import load_model
+
+        load_model(model, t.init_checkpoint)
+        log(f"initial weights from {t.init_checkpoint}")
     if t.sft_steps and resume_from is None:
         warm_start(model, cfg, info, log)
-    optimizer = build_optimizer([model], t)
+    optimizer = build_optimizer([model], t, t.use_distributed_optimizer)
     scheduler = build_lr_scheduler(optimizer, t)
     start_step, law_points = 0, []  # law_points: (entropy, validation accuracy) pairs
     if resume_from is not None:

@@ -22,11 +22,17 @@ def save_model(model, directory: str) -> None:
 
 
 def load_model(model, directory: str, strict: bool = True) -> None:
-    """Collective: load a checkpoint saved with any layout into this rank's shard of `model`."""
+    """Collective: load the weights of a checkpoint saved with any layout (a model checkpoint of
+    save_model / the converter, or a training checkpoint) into this rank's shard of `model`."""
     from megatron.core import dist_checkpointing
 
     if not dist_checkpointing.check_is_distributed_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not a megatron distributed checkpoint")
     inner = _unwrap(model)
-    state = dist_checkpointing.load(inner.sharded_state_dict(), directory)
+    if os.path.exists(os.path.join(directory, "train_state.json")):
+        # A training checkpoint (checkpointing.checkpoint) nests the model under "model" next
+        # to the optimizer; take the weights only.
+        state = dist_checkpointing.load({"model": inner.sharded_state_dict()}, directory)["model"]
+    else:
+        state = dist_checkpointing.load(inner.sharded_state_dict(), directory)
     inner.load_state_dict(state, strict=strict)

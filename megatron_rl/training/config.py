@@ -18,6 +18,9 @@ class TrainingConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # 0 disables clipping
+    # megatron's distributed optimizer (Adam state sharded over DP ranks); GPU only: on CPU it is
+    # ignored (it asserts CUDA tensors) and the replicated optimizer is used.
+    use_distributed_optimizer: bool = True
     seed: int = 1234
     output_dir: str = "runs/default"
     log_interval: int = 1
@@ -36,6 +39,9 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     # Updates with a NaN/inf gradient are skipped; this many skipped steps in a row stop the job.
     max_nonfinite_steps: int = 3
+    # Initial policy weights: a megatron checkpoint (e.g. tools/convert_checkpoint.py
+    # hf-to-megatron output), any TP/PP layout. Ignored when resuming.
+    init_checkpoint: Optional[str] = None
     # --- supervised warm start before RL (0 steps: none); its result is cached by config ---
     sft_steps: int = 0
     sft_lr: float = 3e-3

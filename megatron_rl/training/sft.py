@@ -38,7 +38,7 @@ def warm_start(model, cfg, info, log=print) -> str:
         return path
     t = cfg.training
     sft_cfg = dataclasses.replace(t, lr=t.sft_lr, lr_warmup_steps=0, steps=t.sft_steps)
-    optimizer = build_optimizer([model], sft_cfg)
+    optimizer = build_optimizer([model], sft_cfg, t.use_distributed_optimizer)
     tokenizer = CharTokenizer()
     per_rank = t.sft_batch_size // info.dp_size
     num_micro = max(per_rank // t.micro_batch_size, 1)

@@ -58,6 +58,14 @@ def test_rl_job_tp2_and_exact_resume(tmp_path):
         assert {k: v for k, v in got.items() if k not in TIMING} == \
                {k: v for k, v in want.items() if k not in TIMING}
 
+    # A new run initialised from the final weights evaluates (greedily) exactly as they did.
+    fresh = tmp_path / "fresh"
+    run_torchrun("megatron_rl/train.py", 2, job_args(fresh, cache, [
+        "training.sft_steps=0", "training.steps=1",
+        f"training.init_checkpoint={full / 'checkpoints' / 'step_00000004'}"]))
+    first = read_metrics(fresh / "metrics.jsonl")[0]
+    assert first["step"] == 0 and first["eval_accuracy"] == steps[-1]["eval_accuracy"]
+
 
 def test_rl_job_pp2(tmp_path):
     args = job_args(tmp_path / "pp2", tmp_path / "cache", [
