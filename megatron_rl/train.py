@@ -250,6 +250,9 @@ def main(argv=None):
             record["rollout_train_logprob_diff"] = sum(mismatch) / len(mismatch)
         response_tokens = dp_mean(float(resp_mask.sum())) * info.dp_size
         record["rollout_tokens_per_s"] = response_tokens / max(t_rollout, 1e-9)
+        trained_tokens = dp_mean(float(sum(mb["tokens"].numel() for mini in minis
+                                           for mb in mini))) * info.dp_size * t.ppo_epochs
+        record["train_tokens_per_s"] = trained_tokens / max(t_train, 1e-9)
         if reward_pool is not None:
             record.update({f"reward/{k}_total": v for k, v in reward_faults.items()})
         if task.skipped_rows and step == start_step + 1:
@@ -270,7 +273,9 @@ def main(argv=None):
                 sink(record)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}",
                             entropy=f"{record.get('entropy', float('nan')):.3f}",
-                            s_per_step=f"{record['step_time_s']:.2f}")
+                            s_per_step=f"{record['step_time_s']:.2f}",
+                            rollout_tok_s=f"{record['rollout_tokens_per_s']:.0f}",
+                            train_tok_s=f"{record['train_tokens_per_s']:.0f}")
             bar.update(1)
             if step % t.log_interval == 0:
                 log(f"step {step}: reward {record['reward_mean']:.3f} entropy "

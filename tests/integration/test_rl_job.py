@@ -11,7 +11,8 @@ import pytest
 from tests.torchrun import run_torchrun
 
 pytestmark = pytest.mark.distributed
-TIMING = {"rollout_time_s", "train_time_s", "step_time_s", "rollout_tokens_per_s"}
+TIMING = {"rollout_time_s", "train_time_s", "step_time_s", "rollout_tokens_per_s",
+          "train_tokens_per_s"}
 
 
 def job_args(out_dir, cache_dir, extra=()):
