@@ -24,7 +24,8 @@ def parse_args(argv=None):
                         help="'auto': continue from the newest checkpoint in "
                              "training.output_dir/checkpoints if there is one; 'none'; or a path")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    return parser.parse_args(argv)
+    # intermixed: overrides may come before and after --resume / --config
+    return parser.parse_intermixed_args(argv)
 
 
 def step_seed(*parts: int) -> int:

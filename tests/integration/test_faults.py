@@ -127,3 +127,44 @@ def test_crash_mid_checkpoint_leaves_previous_loadable(tmp_path):
         assert sorted(os.listdir(root)) == ["latest", "step_00000001", "step_00000002"]
     finally:
         state.destroy()
+
+
+@pytest.mark.distributed
+def test_dead_rank_fails_fast_and_the_job_resumes(tmp_path):
+    """kill -9 of one torchrun rank mid-run: the launch ends promptly with an error (torchrun
+    tears the group down; no rank waits in a collective), and --resume auto continues from the
+    newest checkpoint."""
+    import psutil
+
+    from tests.torchrun import free_port
+
+    out = tmp_path / "run"
+    common = ["megatron_rl/train.py", "--config", "examples/tiny_cpu.yaml",
+              f"training.output_dir={out}", f"training.cache_dir={tmp_path / 'cache'}",
+              "training.sft_steps=20", "training.eval_interval=0", "training.probe_interval=0",
+              "training.checkpoint_interval=2", "rollout.prompts_per_step=4", "algorithm.n=4",
+              "parallel.tensor_model_parallel_size=2", "model.make_vocab_size_divisible_by=4"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    log = open(tmp_path / "launch.log", "w")  # a file, not a pipe nobody reads while it runs
+    proc = subprocess.Popen(launcher + ["--master_port", str(free_port())] + common
+                            + ["training.steps=500"], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not latest.exists():
+        time.sleep(0.5)
+    assert latest.exists(), (tmp_path / "launch.log").read_text()[-3000:]
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    victim = next(p for p in workers if "megatron_rl/train.py" in " ".join(p.cmdline()))
+    killed_at = time.time()
+    victim.kill()
+    proc.wait(timeout=120)
+    assert proc.returncode != 0 and time.time() - killed_at < 60
+    step = int(latest.read_text().split("_")[1])
+    resumed = subprocess.run(launcher + ["--master_port", str(free_port())] + common
+                             + ["--resume", "auto", f"training.steps={step + 1}"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step + 1
