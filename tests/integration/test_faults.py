@@ -1,5 +1,7 @@
 """Faults the job must survive: non-finite gradients skip the update without touching weights
-or optimizer state; SIGTERM writes a checkpoint of the current step and exits cleanly."""
+or optimizer state; SIGTERM writes a checkpoint of the current step and exits cleanly; a crash
+mid-checkpoint leaves the previous one loadable; a killed rank fails the launch fast and the job
+resumes."""
 import json
 import os
 import signal
@@ -11,53 +13,57 @@ import warnings
 import pytest
 import torch
 
+from megatron_rl.algorithms import AlgorithmConfig
+from megatron_rl.checkpointing.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_rl.config import load_config
+from megatron_rl.models.gpt import build_gpt_model
+from megatron_rl.parallel import state
+from megatron_rl.training.actor import compute_logprobs, train_mini_batch
+from megatron_rl.training.optimizer import build_lr_scheduler, build_optimizer, wrap_ddp
 from tests.torchrun import ROOT
 
 warnings.filterwarnings("ignore")
 
 
-def test_nonfinite_gradients_skip_the_update():
-    from megatron_rl.algorithms import AlgorithmConfig
-    from megatron_rl.config import load_config
-    from megatron_rl.models.gpt import build_gpt_model
-    from megatron_rl.parallel import state
-    from megatron_rl.training.actor import compute_logprobs, train_mini_batch
-    from megatron_rl.training.optimizer import build_optimizer, wrap_ddp
-
+@pytest.fixture
+def tiny_model():
+    """(cfg, DDP-wrapped tiny GPT, megatron optimizer) in a 1-rank process group."""
     cfg = load_config(None, ["model.vocab_size=40", "model.make_vocab_size_divisible_by=8"],
                       world_size=1)
     state.initialize(cfg.parallel)
-    try:
-        model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel))
-        optimizer = build_optimizer([model], cfg.training)
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, 40, (4, 10), generator=g)
-        batch = dict(tokens=tokens, targets=torch.roll(tokens, -1, 1),
-                     loss_mask=torch.ones(4, 10), advantages=torch.randn(4, 10, generator=g))
-        batch["old_logprobs"] = compute_logprobs(model, [batch], 1.0, 40)[0]
-        alg = AlgorithmConfig(loss_mode="kl_cov", k=0.1)
+    model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel))
+    yield cfg, model, build_optimizer([model], cfg.training)
+    state.destroy()
 
-        def snapshot():
-            params = [p.detach().clone() for p in model.parameters()]
-            opt = [{k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
-                   for s in optimizer.optimizer.state.values()]
-            return params, opt
 
-        before = snapshot()
-        poisoned = dict(batch, advantages=batch["advantages"].clone())
-        poisoned["advantages"][1, 3] = float("nan")
-        metrics = train_mini_batch(model, optimizer, [poisoned], alg, 1.0, 40, seed=0)
-        assert metrics["nonfinite_skipped"] == 1.0 and metrics["update_ok"] == 0.0
-        after = snapshot()
-        assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
-        assert len(before[1]) == len(after[1]) and all(
-            torch.equal(x[k], y[k]) for x, y in zip(before[1], after[1]) for k in x)
+def test_nonfinite_gradients_skip_the_update(tiny_model):
+    cfg, model, optimizer = tiny_model
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 40, (4, 10), generator=g)
+    batch = dict(tokens=tokens, targets=torch.roll(tokens, -1, 1),
+                 loss_mask=torch.ones(4, 10), advantages=torch.randn(4, 10, generator=g))
+    batch["old_logprobs"] = compute_logprobs(model, [batch], 1.0, 40)[0]
+    alg = AlgorithmConfig(loss_mode="kl_cov", k=0.1)
 
-        metrics = train_mini_batch(model, optimizer, [batch], alg, 1.0, 40, seed=0)
-        assert metrics["nonfinite_skipped"] == 0.0 and metrics["update_ok"] == 1.0
-        assert any(not torch.equal(a, p) for a, p in zip(before[0], model.parameters()))
-    finally:
-        state.destroy()
+    def snapshot():
+        params = [p.detach().clone() for p in model.parameters()]
+        opt = [{k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+               for s in optimizer.optimizer.state.values()]
+        return params, opt
+
+    before = snapshot()
+    poisoned = dict(batch, advantages=batch["advantages"].clone())
+    poisoned["advantages"][1, 3] = float("nan")
+    metrics = train_mini_batch(model, optimizer, [poisoned], alg, 1.0, 40, seed=0)
+    assert metrics["nonfinite_skipped"] == 1.0 and metrics["update_ok"] == 0.0
+    after = snapshot()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert len(before[1]) == len(after[1]) and all(
+        torch.equal(x[k], y[k]) for x, y in zip(before[1], after[1]) for k in x)
+
+    metrics = train_mini_batch(model, optimizer, [batch], alg, 1.0, 40, seed=0)
+    assert metrics["nonfinite_skipped"] == 0.0 and metrics["update_ok"] == 1.0
+    assert any(not torch.equal(a, p) for a, p in zip(before[0], model.parameters()))
 
 
 def test_sigterm_checkpoints_and_resumes(tmp_path):
@@ -92,41 +98,27 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     assert steps[-2:] == [last + 1, last + 2]
 
 
-def test_crash_mid_checkpoint_leaves_previous_loadable(tmp_path):
+def test_crash_mid_checkpoint_leaves_previous_loadable(tmp_path, tiny_model):
     """A writer killed mid-save leaves a .tmp_ folder; `latest` still names the previous,
     complete checkpoint, which loads; the next save clears the leftovers."""
-    from megatron_rl.checkpointing.checkpoint import (latest_checkpoint, load_checkpoint,
-                                                      save_checkpoint)
-    from megatron_rl.config import load_config
-    from megatron_rl.models.gpt import build_gpt_model
-    from megatron_rl.parallel import state
-    from megatron_rl.training.optimizer import build_lr_scheduler, build_optimizer, wrap_ddp
-
-    cfg = load_config(None, ["model.vocab_size=40", "model.make_vocab_size_divisible_by=8"],
-                      world_size=1)
-    state.initialize(cfg.parallel)
-    try:
-        model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel))
-        optimizer = build_optimizer([model], cfg.training)
-        scheduler = build_lr_scheduler(optimizer, cfg.training)
-        root = tmp_path / "ckpt"
-        save_checkpoint(str(root), 1, model, optimizer, scheduler, {"note": "good"})
-        saved = [p.detach().clone() for p in model.parameters()]
-        # What a kill -9 during the save of step 2 leaves behind: a half-written temp folder.
-        partial = root / ".tmp_step_00000002"
-        partial.mkdir()
-        (partial / "__0_0.distcp").write_bytes(b"\x00" * 100)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(1.0)
-        path = latest_checkpoint(str(root))
-        assert path.endswith("step_00000001")
-        assert load_checkpoint(path, model, optimizer, scheduler)["note"] == "good"
-        assert all(torch.equal(a, b) for a, b in zip(saved, model.parameters()))
-        save_checkpoint(str(root), 2, model, optimizer, scheduler, {})
-        assert sorted(os.listdir(root)) == ["latest", "step_00000001", "step_00000002"]
-    finally:
-        state.destroy()
+    cfg, model, optimizer = tiny_model
+    scheduler = build_lr_scheduler(optimizer, cfg.training)
+    root = tmp_path / "ckpt"
+    save_checkpoint(str(root), 1, model, optimizer, scheduler, {"note": "good"})
+    saved = [p.detach().clone() for p in model.parameters()]
+    # What a kill -9 during the save of step 2 leaves behind: a half-written temp folder.
+    partial = root / ".tmp_step_00000002"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"\x00" * 100)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    path = latest_checkpoint(str(root))
+    assert path.endswith("step_00000001")
+    assert load_checkpoint(path, model, optimizer, scheduler)["note"] == "good"
+    assert all(torch.equal(a, b) for a, b in zip(saved, model.parameters()))
+    save_checkpoint(str(root), 2, model, optimizer, scheduler, {})
+    assert sorted(os.listdir(root)) == ["latest", "step_00000001", "step_00000002"]
 
 
 @pytest.mark.distributed
