@@ -4,17 +4,12 @@ Each torchrun launch costs ~5 s of start-up on the CPU machines, so tests group 
 into one worker script and one launch.
 """
 import os
-import socket
 import subprocess
 import sys
 
+from megatron_rl.parallel.state import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_torchrun(script, nproc, args=(), timeout=600, env=None):

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from megatron_rl.checkpointing.model import _unwrap
+from megatron_rl.models.gpt import unwrap_model
 
 LATEST = "latest"
 STATE_FILE = "train_state.json"
@@ -31,7 +31,7 @@ def optimizer_has_state(optimizer) -> bool:
 
 
 def _sharded_state(model, optimizer, is_loading: bool, with_optimizer: bool):
-    model_sd = _unwrap(model).sharded_state_dict()
+    model_sd = unwrap_model(model).sharded_state_dict()
     state = {"model": model_sd}
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
@@ -95,7 +95,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
         train_state = json.load(f)
     with_optimizer = train_state.pop("optimizer_state", True)
     state = dist_checkpointing.load(_sharded_state(model, optimizer, True, with_optimizer), path)
-    _unwrap(model).load_state_dict(state["model"])
+    unwrap_model(model).load_state_dict(state["model"])
     if with_optimizer:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(train_state.pop("scheduler"))

@@ -4,11 +4,7 @@ import os
 
 import torch.distributed as dist
 
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+from megatron_rl.models.gpt import unwrap_model
 
 
 def save_model(model, directory: str) -> None:
@@ -18,7 +14,7 @@ def save_model(model, directory: str) -> None:
     if dist.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_unwrap(model).sharded_state_dict(), directory)
+    dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), directory)
 
 
 def load_model(model, directory: str, strict: bool = True) -> None:
@@ -28,7 +24,7 @@ def load_model(model, directory: str, strict: bool = True) -> None:
 
     if not dist_checkpointing.check_is_distributed_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not a megatron distributed checkpoint")
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     if os.path.exists(os.path.join(directory, "train_state.json")):
         # A training checkpoint (checkpointing.checkpoint) nests the model under "model" next
         # to the optimizer; take the weights only.

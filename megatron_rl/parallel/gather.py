@@ -9,14 +9,9 @@ from typing import Dict, Iterable, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_rl.models.gpt import unwrap_model
+
 _LAYER = re.compile(r"^(.*decoder\.layers\.)(\d+)(\..*)$")
-
-
-def _strip_wrappers(name: str) -> str:
-    # DDP wraps the model as `.module`; megatron's Float16Module adds another `.module`.
-    while name.startswith("module."):
-        name = name[len("module."):]
-    return name
 
 
 def global_layer_name(name: str, model) -> str:
@@ -24,10 +19,7 @@ def global_layer_name(name: str, model) -> str:
     match = _LAYER.match(name)
     if match is None:
         return name
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
-    layer = inner.decoder.layers[int(match.group(2))]
+    layer = unwrap_model(model).decoder.layers[int(match.group(2))]
     return f"{match.group(1)}{layer.layer_number - 1}{match.group(3)}"
 
 
@@ -56,8 +48,7 @@ def named_full_tensors(model, which: str = "param") -> Iterable[Tuple[str, torch
     from megatron.core import parallel_state as mpu
 
     group = mpu.get_tensor_model_parallel_group()
-    for raw_name, param in model.named_parameters():
-        name = _strip_wrappers(raw_name)
+    for name, param in unwrap_model(model).named_parameters():
         if which == "param":
             tensor = param.data
         else:

@@ -35,7 +35,8 @@ class ParallelInfo:
         return self.pp_rank == self.pp_size - 1
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for 1-rank groups and test launches)."""
     import socket
 
     with socket.socket() as s:
@@ -71,7 +72,7 @@ def initialize(cfg: ParallelConfig) -> ParallelInfo:
             dist.init_process_group(backend=backend, timeout=timeout)
         else:  # run plainly: a 1-rank group on a free local port, without touching os.environ
             dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1,
-                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+                                    init_method=f"tcp://127.0.0.1:{free_port()}")
     world_size = dist.get_world_size()
     cfg.resolve_data_parallel(world_size)
     if mpu.model_parallel_is_initialized():

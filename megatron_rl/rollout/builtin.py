@@ -16,13 +16,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from megatron_rl.models.gpt import unwrap_model
 from megatron_rl.rollout.types import Sample, SamplingParams
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):  # DDP / Float16Module
-        model = model.module
-    return model
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -88,7 +83,7 @@ class BuiltinEngine:
 
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        model = _unwrap(self.model)
+        model = unwrap_model(self.model)
         device = next(model.parameters()).device
         expanded = [list(p) for p in prompts for _ in range(params.n)]
         batch = len(expanded)

@@ -90,9 +90,9 @@ def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: Algorithm
         current_parts = compute_logprobs(model, micro_batches, temperature, vocab_size)
         if last_stage:
             current = torch.cat([lp.reshape(-1) for lp in current_parts])
-    if last_stage and not _all_finite([current] + [mb[k] for mb in micro_batches
-                                                  for k in ("old_logprobs", "advantages")],
-                                      dp_group):
+    if last_stage and not all_finite([current] + [mb[k] for mb in micro_batches
+                                                 for k in ("old_logprobs", "advantages")],
+                                     dp_group):
         # A NaN/inf log-prob or advantage: no selection (it needs finite covariances); the loss
         # turns non-finite too and grads_are_finite skips the update below.
         if cfg.loss_mode in ("clip_cov", "kl_cov"):
@@ -151,7 +151,9 @@ def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: Algorithm
     return metrics
 
 
-def _all_finite(tensors, group) -> bool:
+def all_finite(tensors, group=None) -> bool:
+    """True when every given tensor (None skipped) on every rank of `group` (None: the whole
+    job) is finite: one all-reduce, so every rank takes the same decision."""
     local = all(bool(torch.isfinite(x).all()) for x in tensors if x is not None)
     flag = torch.tensor([1.0 if local else 0.0])
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
@@ -159,11 +161,6 @@ def _all_finite(tensors, group) -> bool:
 
 
 def grads_are_finite(model) -> bool:
-    """True when every gradient on every rank is finite (a NaN/inf loss leaves NaN gradients).
-    One all-reduce over the whole job, so every rank takes the same decision; checked before
-    the optimizer step because megatron's fp32 optimizer has no found-inf check of its own."""
-    local = all(bool(torch.isfinite(getattr(p, "main_grad", p.grad)).all())
-                for p in model.parameters() if getattr(p, "main_grad", p.grad) is not None)
-    flag = torch.tensor([1.0 if local else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    """A NaN/inf loss leaves NaN gradients; checked over the whole job before the optimizer step
+    because megatron's fp32 optimizer has no found-inf check of its own."""
+    return all_finite([getattr(p, "main_grad", p.grad) for p in model.parameters()])

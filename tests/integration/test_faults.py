@@ -18,6 +18,7 @@ from megatron_rl.checkpointing.checkpoint import latest_checkpoint, load_checkpo
 from megatron_rl.config import load_config
 from megatron_rl.models.gpt import build_gpt_model
 from megatron_rl.parallel import state
+from megatron_rl.parallel.state import free_port
 from megatron_rl.training.actor import compute_logprobs, train_mini_batch
 from megatron_rl.training.optimizer import build_lr_scheduler, build_optimizer, wrap_ddp
 from tests.torchrun import ROOT
@@ -127,8 +128,6 @@ def test_dead_rank_fails_fast_and_the_job_resumes(tmp_path):
     tears the group down; no rank waits in a collective), and --resume auto continues from the
     newest checkpoint."""
     import psutil
-
-    from tests.torchrun import free_port
 
     out = tmp_path / "run"
     common = ["megatron_rl/train.py", "--config", "examples/tiny_cpu.yaml",

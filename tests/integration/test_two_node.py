@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from tests.torchrun import ROOT, free_port, run_torchrun
+from megatron_rl.parallel.state import free_port
+from tests.torchrun import ROOT, run_torchrun
 
 pytestmark = pytest.mark.distributed
 
