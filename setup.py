@@ -104,6 +104,7 @@ setup(
         "transformers>=4.45",  # HF tokenizers and chat templates of prompt datasets
         "pyarrow>=14",  # parquet prompt datasets
         "math-verify>=0.7",  # math answer rewards
+        "requests>=2.31",  # the SGLang engines' HTTP API
         "tensorboard>=2.14",
         "matplotlib>=3.8",
     ],

@@ -1,11 +1,53 @@
-"""Rollout config: which engine, how many prompts per step, sampling parameters."""
-from dataclasses import dataclass
-from typing import Literal
+"""Rollout config: which engine, how many prompts per step, sampling parameters, SGLang servers."""
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+
+@dataclass
+class SGLangConfig:
+    # Interpreter that has sglang installed; None: the trainer's own. On CPU, CI keeps SGLang in
+    # its own venv (ci/setup_sglang_cpu.sh) and passes its python here.
+    python: Optional[str] = None
+    engines_per_node: int = 1
+    tp_size: int = 1  # GPUs per engine
+    # colocated: engines share the training GPUs and release their memory while training runs;
+    # disaggregated: engines own the last engines_per_node x tp_size GPUs of each node.
+    placement: Literal["colocated", "disaggregated"] = "disaggregated"
+    # Servers listen here. Loopback by default: an SGLang server accepts weight updates and
+    # arbitrary generation from anyone who can reach it. Set the cluster interface's address
+    # for engines that other nodes' trainers must reach; "0.0.0.0" is refused.
+    host: str = "127.0.0.1"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: str = "auto"  # the server's --dtype; CPU tests use float32
+    mem_fraction_static: Optional[float] = None
+    max_total_tokens: Optional[int] = None  # KV-cache size in tokens; CPU runs set it small
+    # How new weights reach the engines after each update (README "Weight sync"):
+    # distributed: broadcast over an NCCL (GPU) / gloo (CPU) group per engine, in buckets;
+    # tensor: shared-memory handles (CUDA IPC on GPU), for colocated engines;
+    # disk: an HF folder written by rank 0 and loaded by each engine.
+    weight_sync: Literal["distributed", "tensor", "disk"] = "distributed"
+    bucket_mb: int = 512
+    startup_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0
+    # A server that dies or stops answering is restarted and its unfinished requests retried;
+    # after this many restarts in one job the job stops (with its last checkpoint intact).
+    max_restarts: int = 3
+    extra_args: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.engines_per_node < 1 or self.tp_size < 1:
+            raise ValueError("rollout.sglang.engines_per_node and tp_size must be >= 1")
+        if self.host in ("0.0.0.0", "::", ""):
+            raise ValueError(f"rollout.sglang.host={self.host!r} would expose the engines' "
+                             f"weight-update endpoints on every interface; give 127.0.0.1 or "
+                             f"the cluster interface's address")
+        if self.bucket_mb < 1 or self.max_restarts < 0:
+            raise ValueError("rollout.sglang.bucket_mb must be >= 1 and max_restarts >= 0")
 
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["builtin"] = "builtin"
+    engine: Literal["builtin", "sglang"] = "builtin"
     # Prompts per RL step over all data-parallel ranks; each gets algorithm.n responses.
     prompts_per_step: int = 16
     temperature: float = 1.0
@@ -13,6 +55,7 @@ class RolloutConfig:
     top_k: int = -1
     max_new_tokens: int = 8
     seed: int = 0
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
     def __post_init__(self):
         if self.prompts_per_step < 1 or self.max_new_tokens < 1:

@@ -1,0 +1,365 @@
+"""SGLang engines behind one client: the production rollout path.
+
+generate() has the built-in engine's signature and returns the same Samples. Requests go one
+sample each to the least-loaded live server. A server that dies or stops answering is restarted
+(its log shows both runs), `on_restart` re-pushes the current weights to it, and its unfinished
+requests are retried there or elsewhere; after `max_restarts` restarts in one job, EngineError.
+
+Weight sync (update_weights) sits between /begin_weight_update and /end_weight_update and ends
+with /update_weight_version, whose value every later response carries (Sample.weight_version):
+  - distributed: one process group per engine (the trainer's rank 0 plus the engine's TP ranks;
+    NCCL on GPU, gloo on CPU); each bucket is one flat byte tensor broadcast from the trainer;
+  - tensor: tensors shared in memory (CUDA IPC on GPU, torch's file_system strategy on CPU),
+    handles pickled into the request, for engines on the trainer's own host;
+  - disk: the trainer writes an HF folder, the engines load it.
+"""
+import base64
+import io
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import timedelta
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import requests
+import torch
+import torch.distributed as dist
+
+from megatron_rl.rollout.config import SGLangConfig
+from megatron_rl.rollout.sglang_server import EngineError, SGLangServer, log_tail
+from megatron_rl.rollout.types import Sample, SamplingParams
+
+NamedTensors = Iterable[Tuple[str, torch.Tensor]]
+
+
+def buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[List[Tuple[str, torch.Tensor]]]:
+    """Consecutive groups of at most bucket_bytes (a larger tensor travels alone), one dtype
+    per group so a bucket is one flat tensor on both sides."""
+    bucket, size = [], 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and (size + nbytes > bucket_bytes or tensor.dtype != bucket[0][1].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def flatten_bucket(bucket: List[Tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """The bytes of each tensor back to back: the layout SGLang's "flattened_bucket" load format
+    unpacks from names, dtypes and shapes."""
+    return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])
+
+
+def weight_sync_group(master_port: int, world_size: int, backend: str, group_name: str,
+                      timeout_s: float) -> Tuple[dist.ProcessGroup, dist.TCPStore]:
+    """A process group outside the job's world: this process is rank 0 and hosts the store, the
+    engine's TP ranks join as 1..world_size-1 (SGLang's /init_weights_update_group). torch has no
+    public call for a second group with its own rendezvous, hence the c10d helper."""
+    from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper,
+                                                    _world)
+
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(sync_master_address(), master_port, world_size, is_master=True,
+                          timeout=timeout)
+    group, _ = _new_process_group_helper(world_size, 0, [], Backend(backend),
+                                         PrefixStore(group_name, store), group_name=group_name,
+                                         timeout=timeout)
+    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group, store  # the caller keeps the store as long as the group
+
+
+def sync_master_address() -> str:
+    """The trainer's address as the engines see it: torchrun's MASTER_ADDR, loopback when run
+    plainly."""
+    return os.environ.get("MASTER_ADDR", "127.0.0.1")
+
+
+def _share_for_http(named: List[Tuple[str, torch.Tensor]]) -> str:
+    """Pickle tensors as shared-memory handles (what SGLang's MultiprocessingSerializer reads):
+    CUDA IPC handles on GPU; on CPU torch's file_system strategy, because the default passes file
+    descriptors over a socket, which an HTTP body cannot carry."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing as mp
+
+    if mp.get_sharing_strategy() != "file_system" and not named[0][1].is_cuda:
+        mp.set_sharing_strategy("file_system")
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump([(name, t.detach().contiguous()) for name, t in named])
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+class SGLangEngine:
+    def __init__(self, servers: List[SGLangServer], cfg: SGLangConfig,
+                 on_restart: Optional[Callable[[int], None]] = None):
+        self.servers, self.cfg = servers, cfg
+        # Called with an engine's index after it was restarted, before requests go to it again:
+        # the job re-sends the current weights (a fresh server has the initial ones).
+        self.on_restart = on_restart
+        self.weight_version = servers[0].weight_version if servers else 0
+        self.restarts = 0
+        self._load = [0] * len(servers)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        # engine index -> (its weight-sync group, the group's name, the store it rendezvoused on)
+        self._groups: Dict[int, Tuple[dist.ProcessGroup, str, dist.TCPStore]] = {}
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    @classmethod
+    def launch(cls, model_path: str, cfg: SGLangConfig, log_dir: str, num_engines: int,
+               device: str = "cpu", first_gpu: int = 0, weight_version: int = 0, seed: int = 0,
+               on_restart: Optional[Callable[[int], None]] = None) -> "SGLangEngine":
+        """Start num_engines servers on this node (ports chosen free and distinct), wait until
+        every one generates; stops them all if one fails."""
+        from megatron_rl.parallel.state import free_port
+
+        ports = set()
+        while len(ports) < 2 * num_engines:
+            ports.add(free_port())
+        ports = sorted(ports)
+        servers = [SGLangServer(model_path, cfg, ports[2 * i], os.path.join(log_dir, f"sglang_{i}.log"),
+                                dist_port=ports[2 * i + 1], device=device,
+                                gpu_id=first_gpu + i * cfg.tp_size,
+                                weight_version=weight_version, seed=seed + i)
+                   for i in range(num_engines)]
+        try:
+            for server in servers:
+                server.start()
+            for server in servers:
+                server.wait_until_ready()
+        except BaseException:
+            for server in servers:
+                server.stop()
+            raise
+        return cls(servers, cfg, on_restart)
+
+    def shutdown(self) -> None:
+        for group, _, _ in self._groups.values():
+            dist.destroy_process_group(group)
+        self._groups.clear()
+        for server in self.servers:
+            server.stop()
+
+    def restart(self, index: int, reason: str) -> None:
+        self.restarts += 1
+        server = self.servers[index]
+        if self.restarts > self.cfg.max_restarts:
+            raise EngineError(f"SGLang engine {index} failed ({reason}) after {self.restarts - 1} "
+                              f"restarts in this job (rollout.sglang.max_restarts="
+                              f"{self.cfg.max_restarts}); {server.log_path}:\n"
+                              f"{log_tail(server.log_path)}")
+        print(f"[megatron-rl] restarting SGLang engine {index} ({reason}); "
+              f"restart {self.restarts}/{self.cfg.max_restarts}", flush=True)
+        entry = self._groups.pop(index, None)
+        if entry is not None:
+            dist.destroy_process_group(entry[0])
+        server.stop()
+        server.weight_version = self.weight_version
+        server.start()
+        server.wait_until_ready()
+        if self.on_restart is not None:
+            self.on_restart(index)
+
+    # ---- HTTP -----------------------------------------------------------------------------
+    def _post(self, index: int, route: str, payload: Optional[dict] = None,
+              timeout: Optional[float] = None) -> dict:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        response = session.post(self.servers[index].url + route, json=payload or {},
+                                timeout=timeout or self.cfg.request_timeout_s)
+        if response.status_code != 200:
+            raise EngineError(f"{self.servers[index].url}{route} answered "
+                              f"{response.status_code}: {response.text[:500]}")
+        try:
+            return response.json()
+        except ValueError:  # some control routes answer plain text
+            return {"message": response.text}
+
+    def _on_all(self, route: str, payload: Optional[dict] = None) -> List[dict]:
+        return [self._post(i, route, payload) for i in range(len(self.servers))]
+
+    # ---- generation -----------------------------------------------------------------------
+    def _pick(self) -> int:
+        with self._lock:
+            index = min(range(len(self.servers)), key=lambda i: self._load[i])
+            self._load[index] += 1
+            return index
+
+    def _generate_one(self, prompt: Sequence[int], params: SamplingParams,
+                      prompt_index: int) -> Tuple[int, Optional[Sample], Optional[str]]:
+        index = self._pick()
+        sampling = {"temperature": params.temperature, "top_p": params.top_p,
+                    "top_k": params.top_k, "max_new_tokens": params.max_new_tokens,
+                    "stop_token_ids": list(params.stop_token_ids), "skip_special_tokens": False,
+                    "no_stop_trim": True}
+        try:
+            out = self._post(index, "/generate", {"input_ids": list(prompt),
+                                                  "sampling_params": sampling,
+                                                  "return_logprob": True})
+        except (requests.RequestException, EngineError) as e:
+            return index, None, f"{type(e).__name__}: {e}"
+        finally:
+            with self._lock:
+                self._load[index] -= 1
+        meta = out["meta_info"]
+        finish = (meta.get("finish_reason") or {}).get("type", "length")
+        return index, Sample(prompt_ids=list(prompt), output_ids=list(out["output_ids"]),
+                             output_logprobs=[lp for lp, _, _ in meta["output_token_logprobs"]],
+                             finish_reason=finish if finish in ("stop", "length") else "abort",
+                             weight_version=int(meta["weight_version"]),
+                             prompt_index=prompt_index), None
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seed: Optional[int] = None) -> List[Sample]:
+        """n samples per prompt, contiguous per prompt. `seed` is accepted for the built-in
+        engine's interface; SGLang samples with its own per-server seed."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(params.n)]
+        results: List[Optional[Sample]] = [None] * len(jobs)
+        pending = list(range(len(jobs)))
+        workers = min(len(jobs), 32 * len(self.servers))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            while pending:
+                futures = {pool.submit(self._generate_one, jobs[j][1], params, jobs[j][0]): j
+                           for j in pending}
+                pending, failed = [], {}
+                for future in as_completed(futures):
+                    index, sample, error = future.result()
+                    if sample is None:
+                        pending.append(futures[future])
+                        failed.setdefault(index, error)
+                    else:
+                        results[futures[future]] = sample
+                for index, error in sorted(failed.items()):
+                    if not self.servers[index].alive() or "Timeout" in error or \
+                            "ConnectionError" in error:
+                        self.restart(index, error)
+                    else:  # the server answered with an error: not a fault a restart mends
+                        raise EngineError(f"SGLang engine {index} refused a request: {error}")
+                pending.sort()
+        return results
+
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]], engine: int = 0) -> List[List[float]]:
+        """log p(prompt[t] | prompt[:t]) for t >= 1 under the engine's current weights: what the
+        weight-sync check compares with megatron's."""
+        out = []
+        for prompt in prompts:
+            reply = self._post(engine, "/generate", {
+                "input_ids": list(prompt), "return_logprob": True, "logprob_start_len": 0,
+                "sampling_params": {"temperature": 0.0, "max_new_tokens": 1}})
+            out.append([lp for lp, _, _ in reply["meta_info"]["input_token_logprobs"][1:]])
+        return out
+
+    # ---- control --------------------------------------------------------------------------
+    def pause(self, mode: str = "abort") -> None:
+        """abort: running requests return now with finish_reason abort; retract / in_place: they
+        wait and continue after resume()."""
+        self._on_all("/pause_generation", {"mode": mode})
+
+    def resume(self) -> None:
+        self._on_all("/continue_generation")
+
+    def flush_cache(self) -> None:
+        self._on_all("/flush_cache")
+
+    def abort_all(self) -> None:
+        self._on_all("/abort_request", {"abort_all": True})
+
+    def release_memory(self) -> None:
+        """Colocated engines give their GPU memory (weights, KV cache) to training. CPU servers
+        hold nothing to release (and SGLang's CPU path does not implement it)."""
+        if self.cfg.placement == "colocated" and self.servers[0].device != "cpu":
+            self._on_all("/release_memory_occupation")
+
+    def resume_memory(self) -> None:
+        if self.cfg.placement == "colocated" and self.servers[0].device != "cpu":
+            self._on_all("/resume_memory_occupation")
+
+    # ---- weight sync ----------------------------------------------------------------------
+    def update_weights(self, named_tensors: NamedTensors, version: int,
+                       method: Optional[str] = None, engines: Optional[List[int]] = None,
+                       disk_dir: Optional[str] = None) -> dict:
+        """Load new weights (HF names, full tensors; read once, bucket by bucket, each bucket
+        going to every engine) and set the engines' weight version. Returns bytes and seconds."""
+        method = method or self.cfg.weight_sync
+        if method not in ("distributed", "tensor", "disk"):
+            raise ValueError(f"unknown weight sync method {method!r}")
+        engines = list(range(len(self.servers))) if engines is None else engines
+        t0, sent = time.perf_counter(), 0
+        if method == "disk":
+            sent = self._update_from_disk(named_tensors, engines, disk_dir)
+        else:
+            for index in engines:
+                self._post(index, "/begin_weight_update")
+            for bucket in buckets(named_tensors, self.cfg.bucket_mb << 20):
+                sent += sum(t.numel() * t.element_size() for _, t in bucket)
+                for index in engines:
+                    if method == "distributed":
+                        self._send_distributed(index, bucket)
+                    else:
+                        self._post(index, "/update_weights_from_tensor", {
+                            "serialized_named_tensors": [_share_for_http(bucket)] * self.cfg.tp_size,
+                            "flush_cache": False})
+            for index in engines:
+                self._post(index, "/end_weight_update")
+        for index in engines:
+            self._post(index, "/update_weight_version", {"new_version": str(version),
+                                                         "abort_all_requests": False})
+            self._post(index, "/flush_cache")
+            self.servers[index].weight_version = version
+        self.weight_version = version
+        return {"bytes": sent, "seconds": time.perf_counter() - t0, "method": method}
+
+    def _group(self, index: int) -> Tuple[dist.ProcessGroup, str]:
+        if index not in self._groups:
+            from megatron_rl.parallel.state import free_port
+
+            port, name = free_port(), f"megatron_rl_weight_sync_{index}_{self.restarts}"
+            backend = "gloo" if self.servers[index].device == "cpu" else "nccl"
+            world = 1 + self.cfg.tp_size
+            # The server's call returns only once this process has joined the group too.
+            with ThreadPoolExecutor(1) as pool:
+                joined = pool.submit(self._post, index, "/init_weights_update_group", {
+                    "master_address": sync_master_address(), "master_port": port,
+                    "rank_offset": 1, "world_size": world, "group_name": name,
+                    "backend": backend})
+                group, store = weight_sync_group(port, world, backend, name,
+                                                 self.cfg.request_timeout_s)
+                reply = joined.result()
+            if not reply.get("success", True):
+                raise EngineError(f"engine {index} could not join the weight-sync group: {reply}")
+            self._groups[index] = (group, name, store)
+        return self._groups[index][:2]
+
+    def _send_distributed(self, index: int, bucket: List[Tuple[str, torch.Tensor]]) -> None:
+        group, name = self._group(index)
+        flat = flatten_bucket(bucket)
+        if self.servers[index].device != "cpu":
+            flat = flat.cuda()
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(self._post, index, "/update_weights_from_distributed", {
+                "names": [n for n, _ in bucket],
+                "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket],
+                "group_name": name, "load_format": "flattened_bucket",
+                "flush_cache": False})
+            dist.broadcast(flat, group=group, group_src=0)
+            reply.result()
+
+    def _update_from_disk(self, named_tensors: NamedTensors, engines: List[int],
+                          disk_dir: Optional[str]) -> int:
+        from megatron_rl.rollout.weight_sync import write_hf_folder
+
+        if disk_dir is None:
+            raise ValueError("weight sync from disk needs a folder (disk_dir)")
+        sent = write_hf_folder(named_tensors, disk_dir, files_from=self.servers[0].model_path)
+        for index in engines:
+            self._post(index, "/update_weights_from_disk", {"model_path": disk_dir,
+                                                            "flush_cache": False})
+        return sent

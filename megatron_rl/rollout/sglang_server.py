@@ -1,0 +1,128 @@
+"""One SGLang server process owned by the training job: start, wait until it generates, stop.
+
+The job starts `python -m sglang.launch_server` itself (no external launcher), in its own process
+group so that stopping it also stops the scheduler and detokenizer processes it spawns, with its
+log appended to a file in the run folder (a restart's log follows the crash it replaces).
+"""
+import atexit
+import os
+import signal
+import subprocess
+import time
+from typing import List, Optional
+
+import requests
+
+from megatron_rl.rollout.config import SGLangConfig
+
+# SGLang's CPU path (README "SGLang on CPU"): the torch-native attention and sampling backends are
+# the only ones without CUDA kernels.
+CPU_ARGS = ("--device", "cpu", "--attention-backend", "torch_native",
+            "--sampling-backend", "pytorch", "--grammar-backend", "none")
+
+
+class EngineError(RuntimeError):
+    """A server did not start, died, or stopped answering."""
+
+
+def log_tail(path: str, lines: int = 30) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class SGLangServer:
+    def __init__(self, model_path: str, cfg: SGLangConfig, port: int, log_path: str,
+                 dist_port: int, gpu_id: Optional[int] = None, device: str = "cpu",
+                 weight_version: int = 0, seed: int = 0):
+        self.model_path, self.cfg, self.port, self.log_path = model_path, cfg, port, log_path
+        self.dist_port, self.gpu_id, self.device = dist_port, gpu_id, device
+        self.weight_version, self.seed = weight_version, seed
+        self.process: Optional[subprocess.Popen] = None
+        self.url = f"http://{cfg.host}:{port}"
+
+    def command(self) -> List[str]:
+        import sys
+
+        cfg = self.cfg
+        cmd = [cfg.python or sys.executable, "-m", "sglang.launch_server",
+               "--model-path", self.model_path, "--host", cfg.host, "--port", str(self.port),
+               "--tp-size", str(cfg.tp_size), "--dtype", cfg.dtype,
+               "--random-seed", str(self.seed), "--weight-version", str(self.weight_version),
+               # SGLang's own torch.distributed port; chosen by the job so engines on one node
+               # cannot pick the same one.
+               "--nccl-port", str(self.dist_port),
+               # The job waits on /health_generate, which generates; SGLang's warm-up request is
+               # plain text that a small test tokenizer may not encode.
+               "--skip-server-warmup",
+               # Requests and responses are token ids; the trainer owns the tokenizer.
+               "--skip-tokenizer-init"]
+        if self.device == "cpu":
+            cmd += [*CPU_ARGS, "--sleep-on-idle"]  # an idle CPU scheduler would spin a core
+        else:
+            cmd += ["--base-gpu-id", str(self.gpu_id or 0)]
+            if cfg.placement == "colocated":
+                cmd += ["--enable-memory-saver"]
+        if cfg.mem_fraction_static is not None:
+            cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
+        if cfg.max_total_tokens is not None:
+            cmd += ["--max-total-tokens", str(cfg.max_total_tokens)]
+        return cmd + list(cfg.extra_args)
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        if self.device == "cpu":
+            env["SGLANG_USE_CPU_ENGINE"] = "1"
+        os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+        with open(self.log_path, "a") as log:
+            log.write(f"\n===== megatron-rl: starting {' '.join(self.command())}\n")
+            log.flush()
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
+        atexit.register(self.stop)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_until_ready(self, timeout_s: Optional[float] = None) -> None:
+        """Until /health_generate answers 200 (a real one-token generation), or raise with the
+        log's tail when the process exits or the timeout passes."""
+        deadline = time.monotonic() + (timeout_s or self.cfg.startup_timeout_s)
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise EngineError(f"SGLang server on port {self.port} exited with code "
+                                  f"{self.process.returncode if self.process else None} "
+                                  f"while starting; {self.log_path}:\n{log_tail(self.log_path)}")
+            try:
+                if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise EngineError(f"SGLang server on port {self.port} was not ready after "
+                          f"{timeout_s or self.cfg.startup_timeout_s:.0f} s; "
+                          f"{self.log_path}:\n{log_tail(self.log_path)}")
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group, SIGKILL after 15 s: nothing is left behind."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        atexit.unregister(self.stop)
+        for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(wait_s)
+                # The launcher exiting does not mean its children did: kill the group anyway.
+                os.killpg(process.pid, signal.SIGKILL)
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                pass
+            break
