@@ -36,3 +36,19 @@ def run_torchrun(script, nproc, args=(), timeout=600, env=None):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"torchrun {script} failed (rc={proc.returncode}):\n{out[-20000:]}"
     return proc.stdout
+
+
+def sglang_python():
+    """The interpreter that runs SGLang servers in tests: MEGATRON_RL_SGLANG_PYTHON, else the venv
+    ci/setup_sglang_cpu.sh makes. Missing: a skip on a developer's machine, a failure in CI (where
+    ci/test.sh builds it, so a missing one is a broken set-up, not an optional extra)."""
+    import pytest
+
+    path = os.environ.get("MEGATRON_RL_SGLANG_PYTHON",
+                          os.path.join(ROOT, ".venv-sglang", "bin", "python"))
+    if not os.path.exists(path):
+        message = f"no SGLang venv at {path}: run bash ci/setup_sglang_cpu.sh"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

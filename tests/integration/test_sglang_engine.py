@@ -1,0 +1,188 @@
+"""A real SGLang server (CPU, float32) against the megatron model it serves: greedy tokens and
+log-probs agree, each weight-sync path lands the trainer's new weights and advances the version,
+pause/abort/continue behave, a killed server is restarted with nothing lost, too many failures
+stop with a clear error, and the server listens on loopback only."""
+import os
+import signal
+import threading
+import time
+import warnings
+
+import psutil
+import pytest
+import torch
+
+from megatron_rl.config import load_config
+from megatron_rl.models.gpt import build_gpt_model
+from megatron_rl.parallel import state
+from megatron_rl.rollout import SamplingParams
+from megatron_rl.rollout.builtin import BuiltinEngine
+from megatron_rl.rollout.config import SGLangConfig
+from megatron_rl.rollout.sglang_engine import SGLangEngine
+from megatron_rl.rollout.sglang_server import EngineError
+from megatron_rl.rollout.weight_sync import hf_weights, write_hf_folder
+from tests.torchrun import sglang_python
+
+warnings.filterwarnings("ignore")
+VOCAB = 300
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17]]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(model config, megatron model, SGLangEngine serving the same weights)."""
+    python = sglang_python()
+    tmp = tmp_path_factory.mktemp("sglang")
+    cfg = load_config(None, [f"model.vocab_size={VOCAB}", "model.make_vocab_size_divisible_by=8",
+                             "model.max_position_embeddings=1024"], world_size=1)
+    state.initialize(cfg.parallel)
+    torch.manual_seed(0)
+    model = build_gpt_model(cfg.model, cfg.parallel)
+    write_hf_folder(hf_weights(model, cfg.model), str(tmp / "hf"), cfg=cfg.model)
+    engine = SGLangEngine.launch(str(tmp / "hf"), SGLangConfig(
+        python=python, dtype="float32", max_total_tokens=8192, startup_timeout_s=300,
+        request_timeout_s=120), str(tmp / "logs"), num_engines=1)
+    engine.disk_dir = str(tmp / "sync")
+    yield cfg, model, engine
+    engine.shutdown()
+    state.destroy()
+
+
+@torch.no_grad()
+def megatron_logprobs(model, ids, temperature=1.0):
+    """log p(ids[t] | ids[:t]) for t >= 1 under logits / temperature, in float64."""
+    tokens = torch.tensor([ids])
+    logits = model(tokens, torch.arange(len(ids))[None], None)[0, :, :VOCAB].double()
+    logp = torch.log_softmax(logits / temperature, -1)
+    return logp[:-1].gather(-1, tokens[0, 1:, None])[:, 0]
+
+
+def perturb(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def test_greedy_tokens_and_logprobs_match_megatron(served):
+    cfg, model, engine = served
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    ours = BuiltinEngine(model, vocab_size=VOCAB).generate(PROMPTS, greedy)
+    theirs = engine.generate(PROMPTS, greedy)
+    for a, b in zip(theirs, ours):
+        assert a.output_ids == b.output_ids
+        torch.testing.assert_close(torch.tensor(a.output_logprobs), torch.tensor(b.output_logprobs),
+                                   atol=2e-5, rtol=0)
+        assert a.finish_reason == "length" and a.weight_version == engine.weight_version
+
+
+def test_sampled_logprobs_match_megatron(served):
+    cfg, model, engine = served
+    samples = engine.generate(PROMPTS, SamplingParams(temperature=0.7, top_p=0.9,
+                                                      max_new_tokens=16, n=2))
+    assert [s.prompt_index for s in samples] == [0, 0, 1, 1, 2, 2, 3, 3]
+    for s in samples:
+        full = s.prompt_ids + s.output_ids
+        expected = megatron_logprobs(model, full, 0.7)[len(s.prompt_ids) - 1:]
+        torch.testing.assert_close(torch.tensor(s.output_logprobs, dtype=torch.float64), expected,
+                                   atol=5e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["distributed", "tensor", "disk"])
+def test_weight_sync_lands_new_weights(served, method):
+    cfg, model, engine = served
+    before = engine.prompt_logprobs(PROMPTS)
+    perturb(model, seed=hash(method) % 1000)
+    version = engine.weight_version + 1
+    report = engine.update_weights(hf_weights(model, cfg.model), version, method=method,
+                                   disk_dir=engine.disk_dir)
+    assert report["bytes"] == sum(p.numel() * 4 for p in model.parameters()) - \
+        (model.embedding.word_embeddings.weight.shape[0] - VOCAB) * cfg.model.hidden_size * 4
+    after = engine.prompt_logprobs(PROMPTS)
+    for ids, old, new in zip(PROMPTS, before, after):
+        if len(ids) < 2:
+            continue
+        expected = megatron_logprobs(model, ids)
+        torch.testing.assert_close(torch.tensor(new, dtype=torch.float64), expected,
+                                   atol=2e-5, rtol=0)
+        assert (torch.tensor(new) - torch.tensor(old)).abs().max() > 1e-3  # it did change
+    sample = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))[0]
+    assert sample.weight_version == version == engine.weight_version
+
+
+def _generate_in_thread(engine, params, prompts=PROMPTS):
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(samples=engine.generate(prompts, params)))
+    thread.start()
+    return thread, out
+
+
+def test_pause_abort_then_continue(served):
+    cfg, model, engine = served
+    long = SamplingParams(temperature=1.0, max_new_tokens=900)
+    thread, out = _generate_in_thread(engine, long)
+    time.sleep(1.5)
+    engine.pause(mode="abort")
+    thread.join(60)
+    assert not thread.is_alive()
+    assert all(s.finish_reason == "abort" and len(s.output_ids) < 900 for s in out["samples"])
+    engine.resume()
+    # retract: running requests go back to the queue and finish after continue_generation
+    thread, out = _generate_in_thread(engine, SamplingParams(max_new_tokens=200))
+    time.sleep(0.5)
+    engine.pause(mode="retract")
+    time.sleep(1.0)
+    assert thread.is_alive()  # paused, not finished
+    engine.flush_cache()  # allowed while paused in retract mode
+    engine.resume()
+    thread.join(120)
+    assert all(s.finish_reason == "length" and len(s.output_ids) == 200 for s in out["samples"])
+
+
+def test_server_listens_on_loopback_only(served):
+    _, _, engine = served
+    server = engine.servers[0]
+    listening = [c for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port]
+    assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)
+    with pytest.raises(ValueError, match="every interface"):
+        SGLangConfig(host="0.0.0.0")
+
+
+def _kill(server):
+    os.killpg(server.process.pid, signal.SIGKILL)
+
+
+def test_killed_server_restarts_and_retries_with_current_weights(served):
+    cfg, model, engine = served
+    resynced = []
+
+    def resync(index):
+        resynced.append(index)
+        engine.update_weights(hf_weights(model, cfg.model), engine.weight_version, engines=[index])
+
+    engine.on_restart = resync
+    prompts = [[i % 250 + 1, 7, 8] for i in range(24)]
+    thread, out = _generate_in_thread(engine, SamplingParams(max_new_tokens=300), prompts)
+    time.sleep(2.0)
+    old_pid = engine.servers[0].process.pid
+    _kill(engine.servers[0])
+    thread.join(300)
+    assert not thread.is_alive()
+    samples = out["samples"]
+    assert len(samples) == 24 and all(len(s.output_ids) == 300 for s in samples)
+    assert engine.restarts == 1 and resynced == [0] and engine.servers[0].process.pid != old_pid
+    assert all(s.weight_version == engine.weight_version for s in samples)
+    for ids, got in zip(PROMPTS[:1], engine.prompt_logprobs(PROMPTS[:1])):
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                                   megatron_logprobs(model, ids), atol=2e-5, rtol=0)
+    with open(engine.servers[0].log_path) as f:
+        assert f.read().count("===== megatron-rl: starting") == 2  # both runs in one log
+
+
+def test_too_many_failures_stop_with_a_clear_error(served):
+    cfg, model, engine = served
+    engine.cfg.max_restarts = engine.restarts  # no restart left
+    _kill(engine.servers[0])
+    with pytest.raises(EngineError, match="max_restarts"):
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=4))
