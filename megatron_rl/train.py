@@ -98,6 +98,8 @@ def main(argv=None):
     from megatron_rl.rewards.synthetic import score as exact_score
     from megatron_rl.rollout import SamplingParams
     from megatron_rl.rollout.builtin import BuiltinEngine
+    from megatron_rl.rollout.sglang_rollout import SGLangRollout
+    from megatron_rl.rollout.sglang_server import EngineError
     from megatron_rl.training.actor import compute_logprobs, train_mini_batch
     from megatron_rl.training.optimizer import build_lr_scheduler, build_optimizer, wrap_ddp
     from megatron_rl.training.rl_batch import build_mini_batches, response_mask
@@ -152,8 +154,13 @@ def main(argv=None):
         start_step = train_state["step"]
         law_points = [tuple(p) for p in train_state.get("law_points", [])]
         log(f"resumed from {resume_from} at step {start_step}")
-    engine = BuiltinEngine(model, vocab_size=task.vocab_size, seed=rc.seed)
-    engine.weight_version = start_step
+    if rc.engine == "sglang":
+        engine = SGLangRollout(cfg, model, out_dir, weight_version=start_step,
+                               device=rc.sglang.device if rc.sglang.device != "auto"
+                               else info.device.type)
+    else:
+        engine = BuiltinEngine(model, vocab_size=task.vocab_size, seed=rc.seed)
+        engine.weight_version = start_step
     dp_group = mpu.get_data_parallel_group()
 
     def dp_mean(value: float) -> float:
@@ -185,122 +192,141 @@ def main(argv=None):
         if is_logger:
             metrics_file.write(json.dumps(record) + "\n")
     nonfinite_in_a_row = 0
-    for step in range(start_step + 1, t.steps + 1):
-        t0 = time.time()
-        # 1. rollout: this DP rank's prompts, n samples each
-        prompts = task.prompts_for_step(step, rc.prompts_per_step)
-        mine = prompts[info.dp_rank * per_rank: (info.dp_rank + 1) * per_rank]
-        samples = engine.generate([p for p, _ in mine], sampling,
-                                  seed=step_seed(rc.seed, step, info.dp_rank))
-        t_rollout = time.time() - t0
-        # 2. reward, 3. advantages (groups of n are contiguous and stay on one rank)
-        answers = [mine[s.prompt_index][1] for s in samples]
-        rewards = torch.tensor(score([task.decode(s.output_ids) for s in samples], answers),
-                               dtype=torch.float32)
-        resp_mask = response_mask(samples)
-        advantages = compute_advantages(alg, rewards, resp_mask)
-        keep = informative_groups(rewards, alg.n) if alg.filter_equal_groups else \
-            torch.ones_like(rewards, dtype=torch.bool)
-        minis = build_mini_batches(samples, advantages, keep, t.mini_batches, t.micro_batch_size,
-                                   info.device)
-        # 4. old log-probs: the policy that sampled, recomputed by the trainer
-        mismatch = []
-        for mini in minis:
-            old = compute_logprobs(model, mini, rc.temperature, task.vocab_size)
-            if old is not None:
-                for mb, lp in zip(mini, old):
-                    mb["old_logprobs"] = lp
-                    m = mb["loss_mask"]
-                    mismatch.append(float(((lp - mb["rollout_logprobs"]).abs() * m).sum()
-                                          / m.sum().clamp(min=1)))
-        # 5. train: PPO epochs over mini-batches, one optimizer step each
-        t1 = time.time()
-        step_metrics = []
-        probe = None
-        for epoch in range(t.ppo_epochs):
-            for index, mini in enumerate(minis):
-                probing = t.probe_interval and step % t.probe_interval == 0 and epoch == index == 0
-                if probing:  # logits of a fixed batch around this one optimizer step
-                    probe_inputs = mini[:1]
-                    before = probe_batch_logits(model, probe_inputs)
-                step_metrics.append(train_mini_batch(
-                    model, optimizer, mini, alg, rc.temperature, task.vocab_size,
-                    seed=step_seed(alg.seed, step, epoch, index)))
-                scheduler.step(1)
-                if probing:
-                    after = probe_batch_logits(model, probe_inputs)
-                    if after is not None:  # the last pipeline stage holds the logits
-                        probe = probe_entropy_dynamics(
-                            before, after, rc.temperature, mpu.get_tensor_model_parallel_group(),
-                            vocab_size=task.vocab_size, mask=probe_inputs[0]["loss_mask"],
-                            dp_group=dp_group)
-        t_train = time.time() - t1
-        # 6. weight sync: the built-in engine reads the trained weights in place
-        engine.update_weights()
-        # 7. metrics, evaluation, checkpoint
-        record = dict(step=step, reward_mean=dp_mean(float(rewards.mean())),
-                      lr=optimizer.param_groups[0]["lr"], weight_version=engine.weight_version,
-                      rollout_time_s=t_rollout, train_time_s=t_train,
-                      step_time_s=time.time() - t0)
-        record.update({f"rollout/{k}": v for k, v in rollout_metrics(
-            rewards, advantages, resp_mask, alg.n).items()})
-        for key in sorted({k for m in step_metrics for k in m}):
-            values = [m[key] for m in step_metrics if key in m]  # skipped updates lack most keys
-            record[key] = sum(values) / len(values)
-        if mismatch:
-            record["rollout_train_logprob_diff"] = sum(mismatch) / len(mismatch)
-        response_tokens = dp_mean(float(resp_mask.sum())) * info.dp_size
-        record["rollout_tokens_per_s"] = response_tokens / max(t_rollout, 1e-9)
-        trained_tokens = dp_mean(float(sum(mb["tokens"].numel() for mini in minis
-                                           for mb in mini))) * info.dp_size * t.ppo_epochs
-        record["train_tokens_per_s"] = trained_tokens / max(t_train, 1e-9)
-        if reward_pool is not None:
-            record.update({f"reward/{k}_total": v for k, v in reward_faults.items()})
-        if task.skipped_rows and step == start_step + 1:
-            record.update({f"data/skipped_{k}": v for k, v in task.skipped_rows.items()})
-        if probe is not None:
-            record.update(probe.metrics)
+    completed = start_step  # the newest step whose update is in the weights
+    try:
+        for step in range(start_step + 1, t.steps + 1):
+            t0 = time.time()
+            # 1. rollout: this DP rank's prompts, n samples each
+            prompts = task.prompts_for_step(step, rc.prompts_per_step)
+            mine = prompts[info.dp_rank * per_rank: (info.dp_rank + 1) * per_rank]
+            samples = engine.generate([p for p, _ in mine], sampling,
+                                      seed=step_seed(rc.seed, step, info.dp_rank))
+            t_rollout = time.time() - t0
+            # 2. reward, 3. advantages (groups of n are contiguous and stay on one rank)
+            answers = [mine[s.prompt_index][1] for s in samples]
+            rewards = torch.tensor(score([task.decode(s.output_ids) for s in samples], answers),
+                                   dtype=torch.float32)
+            resp_mask = response_mask(samples)
+            advantages = compute_advantages(alg, rewards, resp_mask)
+            keep = informative_groups(rewards, alg.n) if alg.filter_equal_groups else \
+                torch.ones_like(rewards, dtype=torch.bool)
+            minis = build_mini_batches(samples, advantages, keep, t.mini_batches,
+                                       t.micro_batch_size, info.device)
+            # 4. old log-probs: the policy that sampled, recomputed by the trainer
+            mismatch = []
+            for mini in minis:
+                old = compute_logprobs(model, mini, rc.temperature, task.vocab_size)
+                if old is not None:
+                    for mb, lp in zip(mini, old):
+                        mb["old_logprobs"] = lp
+                        m = mb["loss_mask"]
+                        mismatch.append(float(((lp - mb["rollout_logprobs"]).abs() * m).sum()
+                                              / m.sum().clamp(min=1)))
+            # 5. train: PPO epochs over mini-batches, one optimizer step each
+            t1 = time.time()
+            step_metrics = []
+            probe = None
+            for epoch in range(t.ppo_epochs):
+                for index, mini in enumerate(minis):
+                    probing = (t.probe_interval and step % t.probe_interval == 0
+                               and epoch == index == 0)
+                    if probing:  # logits of a fixed batch around this one optimizer step
+                        probe_inputs = mini[:1]
+                        before = probe_batch_logits(model, probe_inputs)
+                    step_metrics.append(train_mini_batch(
+                        model, optimizer, mini, alg, rc.temperature, task.vocab_size,
+                        seed=step_seed(alg.seed, step, epoch, index)))
+                    scheduler.step(1)
+                    if probing:
+                        after = probe_batch_logits(model, probe_inputs)
+                        if after is not None:  # the last pipeline stage holds the logits
+                            probe = probe_entropy_dynamics(
+                                before, after, rc.temperature,
+                                mpu.get_tensor_model_parallel_group(),
+                                vocab_size=task.vocab_size, mask=probe_inputs[0]["loss_mask"],
+                                dp_group=dp_group)
+            t_train = time.time() - t1
+            completed = step
+            # 6. weight sync: SGLang engines get the new weights; the built-in engine reads the
+            # trained weights in place
+            engine.update_weights()
+            # 7. metrics, evaluation, checkpoint
+            record = dict(step=step, reward_mean=dp_mean(float(rewards.mean())),
+                          lr=optimizer.param_groups[0]["lr"], weight_version=engine.weight_version,
+                          rollout_time_s=t_rollout, train_time_s=t_train,
+                          step_time_s=time.time() - t0)
+            record.update({f"rollout/{k}": v for k, v in rollout_metrics(
+                rewards, advantages, resp_mask, alg.n).items()})
+            for key in sorted({k for m in step_metrics for k in m}):
+                # skipped updates lack most keys
+                values = [m[key] for m in step_metrics if key in m]
+                record[key] = sum(values) / len(values)
+            if mismatch:
+                record["rollout_train_logprob_diff"] = sum(mismatch) / len(mismatch)
+            response_tokens = dp_mean(float(resp_mask.sum())) * info.dp_size
+            record["rollout_tokens_per_s"] = response_tokens / max(t_rollout, 1e-9)
+            trained_tokens = dp_mean(float(sum(mb["tokens"].numel() for mini in minis
+                                               for mb in mini))) * info.dp_size * t.ppo_epochs
+            record["train_tokens_per_s"] = trained_tokens / max(t_train, 1e-9)
+            if reward_pool is not None:
+                record.update({f"reward/{k}_total": v for k, v in reward_faults.items()})
+            if task.skipped_rows and step == start_step + 1:
+                record.update({f"data/skipped_{k}": v for k, v in task.skipped_rows.items()})
+            if probe is not None:
+                record.update(probe.metrics)
+                if is_logger:
+                    save_probe(out_dir, step, probe)
+            if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
+                record.update(evaluate(step))
+                if math.isfinite(record.get("entropy", float("nan"))):
+                    law_points.append((record["entropy"], record["eval_accuracy"]))
+                    record.update(entropy_law_metrics(law_points))
             if is_logger:
-                save_probe(out_dir, step, probe)
-        if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
-            record.update(evaluate(step))
-            if math.isfinite(record.get("entropy", float("nan"))):
-                law_points.append((record["entropy"], record["eval_accuracy"]))
-                record.update(entropy_law_metrics(law_points))
-        if is_logger:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            for sink in scalar_sinks:
-                sink(record)
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}",
-                            entropy=f"{record.get('entropy', float('nan')):.3f}",
-                            s_per_step=f"{record['step_time_s']:.2f}",
-                            rollout_tok_s=f"{record['rollout_tokens_per_s']:.0f}",
-                            train_tok_s=f"{record['train_tokens_per_s']:.0f}")
-            bar.update(1)
-            if step % t.log_interval == 0:
-                log(f"step {step}: reward {record['reward_mean']:.3f} entropy "
-                    f"{record.get('entropy', float('nan')):.4f} "
-                    + (f"eval_acc {record['eval_accuracy']:.3f} " if "eval_accuracy" in record
-                       else "") + f"{record['step_time_s']:.2f}s")
-        skipped = any(m.get("nonfinite_skipped") for m in step_metrics)
-        nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
-        stop = torch.tensor([1.0 if stop_requested else 0.0])
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        if ((t.checkpoint_interval and step % t.checkpoint_interval == 0) or step == t.steps
-                or stop.item()):
-            save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                for sink in scalar_sinks:
+                    sink(record)
+                bar.set_postfix(reward=f"{record['reward_mean']:.3f}",
+                                entropy=f"{record.get('entropy', float('nan')):.3f}",
+                                s_per_step=f"{record['step_time_s']:.2f}",
+                                rollout_tok_s=f"{record['rollout_tokens_per_s']:.0f}",
+                                train_tok_s=f"{record['train_tokens_per_s']:.0f}")
+                bar.update(1)
+                if step % t.log_interval == 0:
+                    log(f"step {step}: reward {record['reward_mean']:.3f} entropy "
+                        f"{record.get('entropy', float('nan')):.4f} "
+                        + (f"eval_acc {record['eval_accuracy']:.3f} " if "eval_accuracy" in record
+                           else "") + f"{record['step_time_s']:.2f}s")
+            skipped = any(m.get("nonfinite_skipped") for m in step_metrics)
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
+            stop = torch.tensor([1.0 if stop_requested else 0.0])
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if ((t.checkpoint_interval and step % t.checkpoint_interval == 0) or step == t.steps
+                    or stop.item()):
+                save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
+                                {"weight_version": engine.weight_version, "law_points": law_points},
+                                keep=t.keep_checkpoints)
+            if stop.item():
+                log(f"SIGTERM: checkpoint of step {step} written to {ckpt_root}; exiting "
+                    f"(continue with --resume auto)")
+                break
+            if nonfinite_in_a_row >= t.max_nonfinite_steps:
+                raise SystemExit(
+                    f"{nonfinite_in_a_row} steps in a row had non-finite gradients (updates "
+                    f"skipped, training.max_nonfinite_steps={t.max_nonfinite_steps}); the newest "
+                    f"good checkpoint is {latest_checkpoint(ckpt_root)}")
+    except EngineError as e:
+        # The engines failed for good (every rank raises together). Steps are atomic: this
+        # one either finished training (completed == step) or left the weights untouched.
+        if completed > start_step:
+            save_checkpoint(ckpt_root, completed, model, optimizer, scheduler,
                             {"weight_version": engine.weight_version, "law_points": law_points},
                             keep=t.keep_checkpoints)
-        if stop.item():
-            log(f"SIGTERM: checkpoint of step {step} written to {ckpt_root}; exiting "
-                f"(continue with --resume auto)")
-            break
-        if nonfinite_in_a_row >= t.max_nonfinite_steps:
-            raise SystemExit(
-                f"{nonfinite_in_a_row} steps in a row had non-finite gradients (updates skipped, "
-                f"training.max_nonfinite_steps={t.max_nonfinite_steps}); the newest good "
-                f"checkpoint is {latest_checkpoint(ckpt_root)}")
+        raise SystemExit(f"rollout engines failed: {e}\nnewest checkpoint: "
+                         f"{latest_checkpoint(ckpt_root)} (continue with --resume auto)")
+    finally:
+        if rc.engine == "sglang":
+            engine.shutdown()
     bar.close()
     if reward_pool is not None:
         reward_pool.close()

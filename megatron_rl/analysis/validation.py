@@ -25,8 +25,9 @@ def evaluate(engine, prompts: Sequence[Tuple[List[int], str]], decode: Callable[
             stop_token_ids=tuple(stop_token_ids), n=avg_k)))
     sums = torch.zeros(2 * len(runs), dtype=torch.float64)
     for index, (_, params) in enumerate(runs):
-        if prompts:
-            samples = engine.generate([p for p, _ in prompts], params, seed=seed)
+        # Called with no prompts too: the SGLang rollout's generate is collective over ranks.
+        samples = engine.generate([p for p, _ in prompts], params, seed=seed)
+        if samples:
             rewards = score([decode(s.output_ids) for s in samples],
                             [prompts[s.prompt_index][1] for s in samples])
             sums[2 * index], sums[2 * index + 1] = float(sum(rewards)), float(len(rewards))

@@ -81,7 +81,9 @@ class BuiltinEngine:
         from megatron.core.inference.contexts import StaticInferenceContext
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-        if not prompts or any(len(p) == 0 for p in prompts):
+        if not prompts:  # a data-parallel rank with no evaluation prompts left
+            return []
+        if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         model = unwrap_model(self.model)
         device = next(model.parameters()).device

@@ -21,6 +21,11 @@ CPU_ARGS = ("--device", "cpu", "--attention-backend", "torch_native",
             "--sampling-backend", "pytorch", "--grammar-backend", "none")
 
 
+TORCHRUN_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                      "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME",
+                      "MASTER_ADDR", "MASTER_PORT"}
+
+
 class EngineError(RuntimeError):
     """A server did not start, died, or stopped answering."""
 
@@ -72,7 +77,10 @@ class SGLangServer:
         return cmd + list(cfg.extra_args)
 
     def start(self) -> None:
-        env = dict(os.environ)
+        # torchrun's variables would make the server's own torch.distributed join the job's
+        # rendezvous (TORCHELASTIC_USE_AGENT_STORE makes its TCPStore a client of the agent's).
+        env = {k: v for k, v in os.environ.items()
+               if k not in TORCHRUN_VARIABLES and not k.startswith("TORCHELASTIC_")}
         if self.device == "cpu":
             env["SGLANG_USE_CPU_ENGINE"] = "1"
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
