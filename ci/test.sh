@@ -5,6 +5,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash ci/setup_env.sh
 VENV="${VENV:-$ROOT/.venv}"
+# SGLang servers run from their own venv on CPU (ci/setup_sglang_cpu.sh says why); the engine
+# tests fail, not skip, when this variable names a python that is missing.
+bash ci/setup_sglang_cpu.sh
+export MEGATRON_RL_SGLANG_PYTHON="${SGLANG_VENV:-$ROOT/.venv-sglang}/bin/python"
 if [ -f ci/check_cuda_kernels.sh ]; then
   bash ci/check_cuda_kernels.sh
 fi
