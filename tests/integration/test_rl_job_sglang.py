@@ -49,3 +49,39 @@ def test_rl_job_with_sglang_engine(tmp_path, sync):
     assert "eval_accuracy" in steps[-1]
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if str(tmp_path) in " ".join(p.info["cmdline"] or [])]  # no orphaned server
+
+
+def test_engine_that_keeps_dying_stops_the_job_with_a_checkpoint(tmp_path):
+    python = sglang_python()
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "megatron_rl/train.py",
+           *map(str, job_args(run_dir, tmp_path / "cache", python, [
+               "training.steps=50", "training.eval_interval=0", "rollout.sglang.max_restarts=0"]))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    with open(tmp_path / "job.log", "w") as log:
+        job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and job.poll() is None:
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and len(read_steps(metrics)) >= 2:
+                break
+            time.sleep(1)
+        servers = [p for p in psutil.process_iter(["cmdline"])
+                   if "sglang.launch_server" in " ".join(p.info["cmdline"] or [])
+                   and str(run_dir) in " ".join(p.info["cmdline"] or [])]
+        assert servers and job.poll() is None, open(tmp_path / "job.log").read()[-5000:]
+        for p in servers:
+            os.killpg(p.pid, signal.SIGKILL)
+        rc = job.wait(300)
+    out = open(tmp_path / "job.log").read()
+    assert rc != 0 and "rollout engines failed" in out and "max_restarts=0" in out, out[-5000:]
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    done = int(latest.split("_")[1])
+    assert done >= 2
+    # The checkpoint resumes (with the built-in engine: nothing of the dead engine is needed).
+    out = run_torchrun("megatron_rl/train.py", 2, ["--resume", "auto"] + job_args(
+        run_dir, tmp_path / "cache", python, [f"training.steps={done + 1}",
+                                              "training.eval_interval=0", "rollout.engine=builtin"]))
+    assert "resumed from" in out
+    assert read_steps(run_dir / "metrics.jsonl")[-1]["step"] == done + 1
