@@ -33,7 +33,8 @@ from megatron_rl.rollout.types import Sample, SamplingParams
 NamedTensors = Iterable[Tuple[str, torch.Tensor]]
 
 
-def buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[List[Tuple[str, torch.Tensor]]]:
+def buckets(named_tensors: NamedTensors,
+            bucket_bytes: int) -> Iterator[List[Tuple[str, torch.Tensor]]]:
     """Consecutive groups of at most bucket_bytes (a larger tensor travels alone), one dtype
     per group so a bucket is one flat tensor on both sides."""
     bucket, size = [], 0
@@ -121,7 +122,8 @@ class SGLangEngine:
         while len(ports) < 2 * num_engines:
             ports.add(free_port())
         ports = sorted(ports)
-        servers = [SGLangServer(model_path, cfg, ports[2 * i], os.path.join(log_dir, f"sglang_{i}.log"),
+        servers = [SGLangServer(model_path, cfg, ports[2 * i],
+                                os.path.join(log_dir, f"sglang_{i}.log"),
                                 dist_port=ports[2 * i + 1], device=device,
                                 gpu_id=first_gpu + i * cfg.tp_size,
                                 weight_version=weight_version, seed=seed + i)
@@ -158,9 +160,9 @@ class SGLangEngine:
         if entry is not None:
             dist.destroy_process_group(entry[0])
         server.stop()
-        server.weight_version = self.weight_version
         server.start()
         server.wait_until_ready()
+        server.weight_version = server.initial_version  # its model_path's weights, until re-synced
         if self.on_restart is not None:
             self.on_restart(index)
 
@@ -245,7 +247,8 @@ class SGLangEngine:
                 pending.sort()
         return results
 
-    def prompt_logprobs(self, prompts: Sequence[Sequence[int]], engine: int = 0) -> List[List[float]]:
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]],
+                        engine: int = 0) -> List[List[float]]:
         """log p(prompt[t] | prompt[:t]) for t >= 1 under the engine's current weights: what the
         weight-sync check compares with megatron's."""
         out = []
@@ -286,34 +289,55 @@ class SGLangEngine:
                        method: Optional[str] = None, engines: Optional[List[int]] = None,
                        disk_dir: Optional[str] = None) -> dict:
         """Load new weights (HF names, full tensors; read once, bucket by bucket, each bucket
-        going to every engine) and set the engines' weight version. Returns bytes and seconds."""
+        going to every engine) and set the engines' weight version. Returns bytes and seconds.
+        An engine that dies meanwhile drops out of this sync and is restarted after it (getting
+        the new weights through on_restart): the caller's weights are read exactly once."""
         method = method or self.cfg.weight_sync
         if method not in ("distributed", "tensor", "disk"):
             raise ValueError(f"unknown weight sync method {method!r}")
         engines = list(range(len(self.servers))) if engines is None else engines
+        failed: Dict[int, str] = {}
+
+        def on_each(action: Callable[[int], object]) -> None:
+            for index in engines:
+                if index in failed:
+                    continue
+                try:
+                    action(index)
+                except (requests.RequestException, EngineError, RuntimeError) as e:
+                    dead = not self.servers[index].alive() or isinstance(
+                        e, (requests.ConnectionError, requests.Timeout))
+                    if not dead:  # it answered with an error: not a fault a restart mends
+                        raise
+                    failed[index] = f"{type(e).__name__} during weight sync: {e}"
+
         t0, sent = time.perf_counter(), 0
         if method == "disk":
-            sent = self._update_from_disk(named_tensors, engines, disk_dir)
+            sent = self._write_for_disk(named_tensors, disk_dir)
+            on_each(lambda i: self._post(i, "/update_weights_from_disk", {
+                "model_path": disk_dir, "flush_cache": False}))
         else:
-            for index in engines:
-                self._post(index, "/begin_weight_update")
+            on_each(lambda i: self._post(i, "/begin_weight_update"))
             for bucket in buckets(named_tensors, self.cfg.bucket_mb << 20):
                 sent += sum(t.numel() * t.element_size() for _, t in bucket)
-                for index in engines:
-                    if method == "distributed":
-                        self._send_distributed(index, bucket)
-                    else:
-                        self._post(index, "/update_weights_from_tensor", {
-                            "serialized_named_tensors": [_share_for_http(bucket)] * self.cfg.tp_size,
-                            "flush_cache": False})
-            for index in engines:
-                self._post(index, "/end_weight_update")
-        for index in engines:
+                if method == "distributed":
+                    on_each(lambda i: self._send_distributed(i, bucket))
+                else:
+                    payload = [_share_for_http(bucket)] * self.cfg.tp_size
+                    on_each(lambda i: self._post(i, "/update_weights_from_tensor", {
+                        "serialized_named_tensors": payload, "flush_cache": False}))
+            on_each(lambda i: self._post(i, "/end_weight_update"))
+
+        def finish(index: int) -> None:
             self._post(index, "/update_weight_version", {"new_version": str(version),
                                                          "abort_all_requests": False})
             self._post(index, "/flush_cache")
             self.servers[index].weight_version = version
+
+        on_each(finish)
         self.weight_version = version
+        for index, reason in sorted(failed.items()):
+            self.restart(index, reason)
         return {"bytes": sent, "seconds": time.perf_counter() - t0, "method": method}
 
     def _group(self, index: int) -> Tuple[dist.ProcessGroup, str]:
@@ -352,14 +376,9 @@ class SGLangEngine:
             dist.broadcast(flat, group=group, group_src=0)
             reply.result()
 
-    def _update_from_disk(self, named_tensors: NamedTensors, engines: List[int],
-                          disk_dir: Optional[str]) -> int:
+    def _write_for_disk(self, named_tensors: NamedTensors, disk_dir: Optional[str]) -> int:
         from megatron_rl.rollout.weight_sync import write_hf_folder
 
         if disk_dir is None:
             raise ValueError("weight sync from disk needs a folder (disk_dir)")
-        sent = write_hf_folder(named_tensors, disk_dir, files_from=self.servers[0].model_path)
-        for index in engines:
-            self._post(index, "/update_weights_from_disk", {"model_path": disk_dir,
-                                                            "flush_cache": False})
-        return sent
+        return write_hf_folder(named_tensors, disk_dir, files_from=self.servers[0].model_path)

@@ -33,23 +33,31 @@ class SGLangRollout:
         # SFT warm start or resumed step), written once as an HF folder.
         init_dir = os.path.join(self.weights_dir, "initial")
         weights = hf_weights(model, cfg.model)
-        if self.rank == 0:
+
+        def launch():
             write_hf_folder(weights, init_dir, cfg=cfg.model)
-            error = None
+            self.engine = SGLangEngine.launch(
+                init_dir, self.scfg, os.path.join(out_dir, "engines"), self.scfg.engines_per_node,
+                device=device, weight_version=weight_version, seed=cfg.rollout.seed,
+                on_restart=self._resync)
+
+        self._lead(launch, weights)
+
+    def _lead(self, action, weights=None):
+        """Rank 0 runs action() and sends the others its result, or its EngineError (raised on
+        every rank); the others meanwhile iterate `weights` (their part of the collective
+        gather rank 0 is consuming) and serve commands."""
+        if self.rank == 0:
             try:
-                self.engine = SGLangEngine.launch(
-                    init_dir, self.scfg, os.path.join(out_dir, "engines"),
-                    self.scfg.engines_per_node, device=device, weight_version=weight_version,
-                    seed=cfg.rollout.seed, on_restart=self._resync)
+                result = action()
             except EngineError as e:
-                error = str(e)
-            self._broadcast(("error", error) if error else ("done", None))
-            if error:
-                raise EngineError(error)
-        else:
-            for _ in weights:
-                pass
-            self._wait()
+                self._broadcast(("error", str(e)))
+                raise
+            self._broadcast(("done", result))
+            return result
+        for _ in weights or ():
+            pass
+        return self._wait()
 
     def _broadcast(self, command) -> None:
         dist.broadcast_object_list([command], src=0, group=self.control)
@@ -85,45 +93,31 @@ class SGLangRollout:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine, group=self.control)
         per_dp = dict(gathered)  # model-parallel peers sent the same prompts
-        if self.rank == 0:
+
+        def generate_all():
             flat = [(dp, i, p) for dp in sorted(per_dp) for i, p in enumerate(per_dp[dp])]
-            error, result = None, {dp: [] for dp in per_dp}
-            try:
-                if flat:
-                    samples = self.engine.generate([p for _, _, p in flat], params)
-                    for s in samples:
-                        dp, local, _ = flat[s.prompt_index]
-                        s.prompt_index = local
-                        result[dp].append(s)
-                self.engine.release_memory()  # colocated: training gets the GPU memory back
-            except EngineError as e:
-                error = str(e)
-            self._broadcast(("error", error) if error else ("done", result))
-            if error:
-                raise EngineError(error)
-        else:
-            result = self._wait()
-        return result[mine[0]]
+            result = {dp: [] for dp in per_dp}
+            if flat:
+                for s in self.engine.generate([p for _, _, p in flat], params):
+                    dp, local, _ = flat[s.prompt_index]
+                    s.prompt_index = local
+                    result[dp].append(s)
+            self.engine.release_memory()  # colocated: training gets the GPU memory back
+            return result
+
+        return self._lead(generate_all)[mine[0]]
 
     def update_weights(self) -> None:
         """After an optimizer step: the engines get the new weights, version + 1."""
         version = self.weight_version + 1
         weights = hf_weights(self.model, self.cfg.model)
-        if self.rank == 0:
-            error = None
-            try:
-                self.engine.resume_memory()
-                self.engine.update_weights(weights, version,
-                                           disk_dir=os.path.join(self.weights_dir, "sync"))
-            except EngineError as e:
-                error = str(e)
-            self._broadcast(("error", error) if error else ("done", None))
-            if error:
-                raise EngineError(error)
-        else:
-            for _ in weights:
-                pass
-            self._wait()
+
+        def sync():
+            self.engine.resume_memory()
+            self.engine.update_weights(weights, version,
+                                       disk_dir=os.path.join(self.weights_dir, "sync"))
+
+        self._lead(sync, weights)
         self.weight_version = version
 
     def shutdown(self) -> None:

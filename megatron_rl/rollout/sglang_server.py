@@ -44,7 +44,10 @@ class SGLangServer:
                  weight_version: int = 0, seed: int = 0):
         self.model_path, self.cfg, self.port, self.log_path = model_path, cfg, port, log_path
         self.dist_port, self.gpu_id, self.device = dist_port, gpu_id, device
-        self.weight_version, self.seed = weight_version, seed
+        # initial_version: the weights at model_path, what a (re)started server serves;
+        # weight_version: what it serves now (the engine client moves it on each sync).
+        self.initial_version = self.weight_version = weight_version
+        self.seed = seed
         self.process: Optional[subprocess.Popen] = None
         self.url = f"http://{cfg.host}:{port}"
 
@@ -55,7 +58,7 @@ class SGLangServer:
         cmd = [cfg.python or sys.executable, "-m", "sglang.launch_server",
                "--model-path", self.model_path, "--host", cfg.host, "--port", str(self.port),
                "--tp-size", str(cfg.tp_size), "--dtype", cfg.dtype,
-               "--random-seed", str(self.seed), "--weight-version", str(self.weight_version),
+               "--random-seed", str(self.seed), "--weight-version", str(self.initial_version),
                # SGLang's own torch.distributed port; chosen by the job so engines on one node
                # cannot pick the same one.
                "--nccl-port", str(self.dist_port),
