@@ -57,8 +57,12 @@ def write_tokenizer(directory):
 
 
 def convert(*args):
+    # PYTHONPATH: the script's own folder (tools/) heads sys.path, so without it an editable
+    # install elsewhere (another checkout) would provide megatron_rl
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, TOOL, *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=300, env=env)
     return proc.returncode, proc.stdout + proc.stderr
 
 
