@@ -30,16 +30,22 @@ def megatron_names(cfg, te_names=False):
                         "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
     if cfg.add_qkv_bias:
         suffixes.append("self_attention.linear_qkv.bias")
+    if cfg.qk_layernorm:
+        suffixes += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
     names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
     names += [f"decoder.layers.{i}.{s}" for i in range(cfg.num_layers) for s in suffixes]
     return names + ([] if cfg.tie_word_embeddings else ["output_layer.weight"])
 
 
 @pytest.mark.parametrize("te_names", [False, True])
-@pytest.mark.parametrize("arch, tied", [("qwen2", False), ("llama", True)])
+@pytest.mark.parametrize("arch, tied", [("qwen2", False), ("llama", True), ("qwen3", True)])
 def test_hf_to_megatron_to_hf_is_the_identity(arch, tied, te_names):
-    cfg = ModelConfig(**{**CFG.__dict__, "arch": arch, "tie_word_embeddings": tied})
+    # qwen3 with a head dim (16) other than hidden / heads (8), as Qwen3 checkpoints have
+    kv_channels = 16 if arch == "qwen3" else None
+    cfg = ModelConfig(**{**CFG.__dict__, "arch": arch, "tie_word_embeddings": tied,
+                         "kv_channels": kv_channels})
     hf = random_hf_tensors(cfg)
+    assert ("model.layers.1.self_attn.q_norm.weight" in hf) == (arch == "qwen3")
     back = {}
     for name in megatron_names(cfg, te_names):
         full = megatron_tensor_from_hf(name, hf.__getitem__, cfg, cfg.padded_vocab_size(2))
@@ -92,11 +98,16 @@ def test_tied_output_layer_is_not_exported_and_imports_the_embedding():
 
 
 def test_config_round_trip_and_rope_settings():
-    for cfg in (CFG, ModelConfig(arch="llama", num_layers=3, hidden_size=64, num_attention_heads=4,
-                                 num_query_groups=1, kv_channels=32, rotary_base=5e5,
-                                 rope_scaling_factor=8.0, tie_word_embeddings=False,
-                                 params_dtype="bfloat16")):
+    qwen3 = ModelConfig(arch="qwen3", num_layers=2, hidden_size=64, num_attention_heads=4,
+                        num_query_groups=2, kv_channels=32, rotary_base=1e6)
+    for cfg in (CFG, qwen3, ModelConfig(arch="llama", num_layers=3, hidden_size=64,
+                                        num_attention_heads=4, num_query_groups=1, kv_channels=32,
+                                        rotary_base=5e5, rope_scaling_factor=8.0,
+                                        tie_word_embeddings=False, params_dtype="bfloat16")):
         assert model_config_from_hf(hf_config_from_model_config(cfg)) == cfg
+    hf = hf_config_from_model_config(qwen3)
+    assert (hf["architectures"], hf["model_type"], hf["head_dim"], hf["attention_bias"]) == (
+        ["Qwen3ForCausalLM"], "qwen3", 32, False)
     # transformers v5 spelling
     v5 = {**hf_config_from_model_config(CFG), "rope_parameters": {"rope_type": "default",
                                                                   "rope_theta": 1e6}}
@@ -105,8 +116,9 @@ def test_config_round_trip_and_rope_settings():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"architectures": ["Qwen3ForCausalLM"]}, "q_norm"),
-    ({"architectures": ["MistralForCausalLM"]}, "supported: LlamaForCausalLM, Qwen2ForCausalLM"),
+    ({"architectures": ["MistralForCausalLM"]},
+     "supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+    ({"architectures": ["Qwen3ForCausalLM"], "attention_bias": True}, "attention_bias"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling type 'yarn'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}},
      "low_freq_factor=2.0"),
@@ -122,6 +134,8 @@ def test_config_refusals_name_the_field(change, message):
 def test_unknown_megatron_name_is_refused():
     with pytest.raises(ConversionError, match="decoder.layers.0.mlp.router.weight"):
         hf_names("decoder.layers.0.mlp.router.weight", CFG)
+    with pytest.raises(ConversionError, match="model.arch=qwen2 has no q/k norm"):
+        hf_names("decoder.layers.0.self_attention.q_layernorm.weight", CFG)
 
 
 def write_hf_folder(directory, cfg, tensors, index=None):
