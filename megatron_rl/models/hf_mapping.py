@@ -15,7 +15,9 @@ accepted. Layouts:
   - Qwen3's q_norm / k_norm: megatron's q_layernorm / k_layernorm, one head_dim weight shared by
     all heads, the same tensor on both sides (replicated over TP, never split).
   - word embeddings / output layer: vocab padded to ModelConfig.padded_vocab_size(tp) rows; HF has
-    exactly vocab_size rows. Padding rows are zero on import and dropped on export.
+    exactly vocab_size rows. Padding rows are dropped on export; on import they are zero and left
+    to the caller (the converter writes them as their own block, so that the largest tensors are
+    never copied to pad them).
 """
 import re
 from typing import Callable, Dict, List, Optional, Tuple
@@ -250,10 +252,11 @@ def megatron_to_hf_tensors(name: str, full_tensor: torch.Tensor,
 
 
 def megatron_tensor_from_hf(name: str, get_hf_tensor: Callable[[str], torch.Tensor],
-                            cfg: ModelConfig, padded_vocab_size: int) -> torch.Tensor:
+                            cfg: ModelConfig) -> torch.Tensor:
     """The full megatron tensor `name`, built from HF tensors fetched one at a time with
-    `get_hf_tensor(hf_name)` (each checked against the shape the config implies). The tied
-    output layer (held by the last pipeline stage) is the input embedding."""
+    `get_hf_tensor(hf_name)` (each checked against the shape the config implies), except that
+    vocabulary tensors have the vocab_size rows of HF, without megatron's zero padding rows. The
+    tied output layer (held by the last pipeline stage) is the input embedding."""
     name = _canonical(name)
     names = hf_names(name, cfg) or ["model.embed_tokens.weight"]
     shapes = expected_hf_shapes(cfg)
@@ -265,11 +268,6 @@ def megatron_tensor_from_hf(name: str, get_hf_tensor: Callable[[str], torch.Tens
                                   f"{shapes[hf_name]} implied by the model config")
         return tensor
 
-    if name in _VOCAB_ROWS:
-        embedding = fetch(names[0])
-        padded = embedding.new_zeros(padded_vocab_size, embedding.shape[1])
-        padded[: cfg.vocab_size] = embedding
-        return padded
     parts = [fetch(n) for n in names]
     if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
         groups, per_group, d = _attention_dims(cfg)

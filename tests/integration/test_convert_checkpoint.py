@@ -152,6 +152,20 @@ def test_megatron_to_hf_round_trips_and_loads_in_transformers(kind, converted):
     torch.testing.assert_close(logits, reference["logits"], rtol=0, atol=0)
 
 
+def test_hf_to_megatron_streams():
+    """Peak memory of the import follows the largest tensor, not the model: tools/bench_convert.py
+    on a 374 MB float32 model (16 layers; largest tensors the 66 MB embedding and output layer).
+    Holding the model, as the import did before it streamed, takes over twice the model."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_convert.py"),
+                           "--layers", "16", "--hidden", "512", "--ffn", "2048"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    above_imports = (result["hf_to_megatron"]["peak_rss_mb"]
+                     - result["imports_only"]["peak_rss_mb"])
+    assert result["model_mb"] > 350 and above_imports < 0.5 * result["model_mb"], result
+
+
 def test_command_line_refuses_clearly(tmp_path):
     """The fixed command line exits 2 with a message naming the field (more refusals, without
     subprocesses, in tests/unit/test_hf_mapping.py)."""
