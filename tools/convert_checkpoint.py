@@ -3,19 +3,15 @@
   python tools/convert_checkpoint.py hf-to-megatron --input HF_DIR --output MEGATRON_DIR --tp N --pp M
   python tools/convert_checkpoint.py megatron-to-hf --input MEGATRON_DIR --output HF_DIR
 
-hf-to-megatron needs N x M processes; run plainly, it starts them itself through torchrun on this
-host (gloo). Under an explicit `torchrun --nproc_per_node N*M tools/convert_checkpoint.py ...` it
-uses the launched ranks. See docs/conversion.md.
+Both run in one process and stream, one tensor (one layer's slice of it) at a time; --tp decides
+the vocabulary padding, and --tp/--pp are checked to split the model. See docs/conversion.md.
 """
 import argparse
-import os
 import re
-import subprocess
 import sys
 import warnings
 
-from megatron_rl.checkpointing.convert import (export_hf_checkpoint, import_hf_checkpoint,
-                                               prepare_import)
+from megatron_rl.checkpointing.convert import export_hf_checkpoint, import_hf_checkpoint
 from megatron_rl.models.hf_mapping import ConversionError
 
 
@@ -51,15 +47,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def relaunch_under_torchrun(nproc: int) -> int:
-    # --standalone: a local rendezvous on a free port
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(nproc), os.path.abspath(__file__), *sys.argv[1:]]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run(cmd, env=env).returncode
-
-
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -68,23 +55,17 @@ def main(argv=None) -> int:
                                          args.max_shard_size, args.dtype)
             print(f"wrote {len(files)} safetensors file(s) to {args.output}")
             return 0
-        layout = dict(tp=args.tp, pp=args.pp,
-                      make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                      dtype=args.dtype)
-        if "WORLD_SIZE" not in os.environ and args.tp * args.pp > 1:
-            prepare_import(args.input, args.output, **layout)  # refuse here, not once per rank
-            return relaunch_under_torchrun(args.tp * args.pp)
-        cfg = import_hf_checkpoint(args.input, args.output, **layout)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"wrote megatron checkpoint ({cfg.arch}, {cfg.num_layers} layers, padded vocab "
-                  f"{cfg.padded_vocab_size(args.tp)}) for TP={args.tp} PP={args.pp} to "
-                  f"{args.output}")
+        cfg = import_hf_checkpoint(args.input, args.output, args.tp, args.pp,
+                                   args.make_vocab_size_divisible_by, args.dtype)
+        print(f"wrote megatron checkpoint ({cfg.arch}, {cfg.num_layers} layers, padded vocab "
+              f"{cfg.padded_vocab_size(args.tp)}, loadable with TP={args.tp} PP={args.pp} or any "
+              f"layout with that padding) to {args.output}")
         return 0
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-if __name__ == "__main__":  # the guard matters: dist_checkpointing's save hangs without it
+if __name__ == "__main__":
     warnings.filterwarnings("ignore")
     sys.exit(main())

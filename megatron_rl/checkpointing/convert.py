@@ -1,9 +1,11 @@
 """Hugging Face folder <-> megatron distributed checkpoint, one tensor at a time.
 
-hf-to-megatron runs on TP x PP ranks (torchrun, gloo): each rank builds its part of the model,
-fills every parameter from HF tensors read one by one out of the safetensors shards (the mapping is
-megatron_rl.models.hf_mapping), and megatron's dist_checkpointing writes the checkpoint. The
-checkpoint stores global tensors, so it loads into any layout whose padded vocabulary matches.
+hf-to-megatron needs no model and no ranks: megatron's GPTModel, built on the meta device, says
+which tensors and objects its dist_checkpointing stores (keys, global shapes, dtypes), and
+torch.distributed.checkpoint writes them with a planner that makes each layer's block of each
+tensor from HF tensors (the mapping is megatron_rl.models.hf_mapping) only when the writer asks
+for it; peak memory is about the largest single tensor. The checkpoint stores global tensors, so
+it loads into any layout whose padded vocabulary matches, through megatron's own loader.
 
 megatron-to-hf needs no model and no layout: it reads one layer's slice of one stored tensor at a
 time (torch.distributed.checkpoint with a block-reading planner), maps it to HF tensors, and
@@ -55,9 +57,13 @@ def read_hf_config(hf_dir: str) -> dict:
 
 
 class HFSafetensorsReader:
-    """Tensors of an HF folder by name, opened lazily one shard file at a time."""
+    """Tensors of an HF folder by name. Each tensor is read through its own short-lived mapping
+    of its shard: a shard kept open keeps every page read from it resident, which would bring
+    back the whole model's worth of memory over an import."""
 
     def __init__(self, hf_dir: str):
+        from safetensors import safe_open
+
         self.hf_dir = hf_dir
         index_path = os.path.join(hf_dir, SAFETENSORS_INDEX)
         if os.path.exists(index_path):
@@ -68,38 +74,27 @@ class HFSafetensorsReader:
             if missing:
                 raise ConversionError(f"{index_path}: lists shard files that are missing: "
                                       f"{', '.join(missing)}")
+            files = sorted(set(self.file_of.values()))
         else:
             files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
             if not files:
                 raise ConversionError(f"{hf_dir}: no *.safetensors files (only safetensors "
                                       f"checkpoints are supported)")
-            from safetensors import safe_open
-
             self.file_of = {}
-            for file in files:
-                with safe_open(os.path.join(hf_dir, file), framework="pt") as handle:
-                    self.file_of.update({name: file for name in handle.keys()})
-        self._handles = {}
+        self.shapes: Dict[str, Tuple[int, ...]] = {}
+        for file in files:
+            with safe_open(os.path.join(hf_dir, file), framework="pt") as handle:
+                for name in handle.keys():
+                    self.file_of.setdefault(name, file)
+                    self.shapes[name] = tuple(handle.get_slice(name).get_shape())
 
-    def _handle(self, name: str):
+    def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
         if name not in self.file_of:
             raise ConversionError(f"{self.hf_dir}: tensor {name!r} is in no safetensors shard")
-        file = self.file_of[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(os.path.join(self.hf_dir, file), framework="pt")
-        return self._handles[file]
-
-    def shape(self, name: str) -> Tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
-
-    def close(self) -> None:
-        """Unmap the shard files (their pages count in this process's memory while mapped)."""
-        self._handles.clear()
+        with safe_open(os.path.join(self.hf_dir, self.file_of[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def check_against(self, cfg: ModelConfig) -> None:
         """Refuse missing, unexpected or misshapen tensors before any model is built."""
@@ -116,9 +111,9 @@ class HFSafetensorsReader:
                                   f"{', '.join(unexpected[:8])}"
                                   f"{' ...' if len(unexpected) > 8 else ''}")
         for name, shape in expected.items():
-            if self.shape(name) != shape:
+            if self.shapes.get(name) != shape:
                 raise ConversionError(f"{self.hf_dir}/{self.file_of[name]}: {name} has shape "
-                                      f"{self.shape(name)}, the config implies {shape}")
+                                      f"{self.shapes.get(name)}, the config implies {shape}")
 
 
 def _copy_non_weight_files(src: str, dst: str) -> None:
@@ -133,6 +128,33 @@ def _copy_non_weight_files(src: str, dst: str) -> None:
 def _require_empty_output(path: str) -> None:
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise ConversionError(f"output {path} exists and is not an empty directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# The megatron side: stored tensors and their blocks
+
+_LAYERS = "decoder.layers."
+
+
+def _blocks(stored_shapes: Dict[str, Tuple[int, ...]],
+            num_layers: int) -> List[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]]:
+    """(megatron name, stored key, offsets, block shape) in file order: embedding, layer by
+    layer, then final norm and output layer. Megatron stores each `decoder.layers.*` tensor
+    stacked over the layers (leading axis); its block is one layer's slice, named with the
+    layer index (decoder.layers.<i>.<suffix>), and the other tensors are one block each."""
+    def whole(key):
+        return key, key, (0,) * len(stored_shapes[key]), tuple(stored_shapes[key])
+
+    layer_keys = [k for k in stored_shapes if k.startswith(_LAYERS)]
+    others = [k for k in stored_shapes if k not in layer_keys]
+    first = [k for k in others if k.startswith("embedding.")]
+    out = [whole(k) for k in first]
+    for layer in range(num_layers):
+        for key in layer_keys:
+            size = tuple(stored_shapes[key])
+            out.append((f"{_LAYERS}{layer}.{key[len(_LAYERS):]}", key,
+                        (layer,) + (0,) * (len(size) - 1), (1,) + size[1:]))
+    return out + [whole(k) for k in others if k not in first]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,55 +183,149 @@ def prepare_import(hf_dir: str, out_dir: str, tp: int, pp: int,
     return cfg, reader
 
 
-def tensor_parallel_shard(full: torch.Tensor, name: str, param, tp_rank: int,
-                          tp_size: int) -> torch.Tensor:
-    """This TP rank's shard of a full tensor: the inverse of parallel.gather.gather_tp_tensor."""
-    from megatron_rl.parallel.gather import is_gated_fc1
+def _stored_entries(cfg: ModelConfig, tp: int):
+    """What megatron's dist_checkpointing stores for this model, asked of megatron itself: the
+    GPTModel is built on the meta device (no memory) in this one process with TP=1 and PP=1, and
+    its sharded state dict gives ({tensor key: (global shape, dtype)}, {object key: object}).
+    Global tensors do not depend on the layout, except the vocabulary rows, padded for TP=tp as
+    megatron pads them (to a multiple of make_vocab_size_divisible_by x tp)."""
+    from megatron_rl.models.gpt import build_gpt_model
+    from megatron_rl.parallel import state
+    from megatron_rl.parallel.config import ParallelConfig
 
-    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
-        return full
-    dim = param.partition_dim
-    if is_gated_fc1(name):  # each rank holds [gate_r; up_r]
-        return torch.cat([half.chunk(tp_size, dim)[tp_rank] for half in full.chunk(2, dim)], dim)
-    return full.chunk(tp_size, dim)[tp_rank]
+    single = ParallelConfig()
+    state.initialize(single)  # also patches megatron-core for CPU hosts before it is imported
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import (ShardedObject, ShardedTensor,
+                                                          apply_factories)
+    try:
+        # The stored keys are the same whichever layer spec builds the model; the local one
+        # needs no TE. Padding to a multiple of (divisor x tp) at TP=1 is padding for TP=tp.
+        padded = dataclasses.replace(
+            cfg, transformer_impl="local",
+            make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * tp)
+        with torch.device("meta"):
+            sharded = build_gpt_model(padded, single).sharded_state_dict()
+        apply_factories(sharded)  # e.g. SwiGLU's fc1, stored as [gate; up]
+    finally:
+        state.destroy()
+    tensors, objects = {}, {}
+    for entry in nested_values(sharded):
+        if isinstance(entry, ShardedTensor):
+            tensors[entry.key] = (tuple(entry.global_shape), entry.dtype)
+        elif isinstance(entry, ShardedObject):
+            objects[entry.unique_key] = entry.data
+    # what megatron's save adds beside the model: its common (non-sharded) state, empty here
+    objects[ShardedObject("common_state", None, (1,), (0,)).unique_key] = {}
+    return tensors, objects
+
+
+def _import_blocks(cfg: ModelConfig, stored_shapes: Dict[str, Tuple[int, ...]]):
+    """The blocks of _blocks, each one's mapping from HF tried on meta tensors, so that a name or
+    shape the mapping does not give stops the import before anything is written. A vocabulary
+    tensor (more rows stored than HF has: megatron's padding for TP) becomes two blocks, HF's
+    rows and the padding rows (name None, zeros), so that it is written as read, never copied."""
+    hf_shapes = expected_hf_shapes(cfg)
+
+    def meta(hf_name):
+        return torch.empty(hf_shapes[hf_name], device="meta")
+
+    out = []
+    for name, key, offsets, shape in _blocks(stored_shapes, cfg.num_layers):
+        mapped = tuple(megatron_tensor_from_hf(name, meta, cfg).shape)
+        layer = name.startswith(_LAYERS)
+        one = shape[1:] if layer else shape  # a layer's slice or the whole tensor
+        if mapped == one:
+            out.append((name, key, offsets, shape))
+        elif not layer and mapped[1:] == shape[1:] and mapped[0] < shape[0]:
+            out.append((name, key, offsets, mapped))
+            out.append((None, key, (mapped[0],) + offsets[1:],
+                        (shape[0] - mapped[0],) + shape[1:]))
+        else:
+            raise ConversionError(f"{name}: the HF tensors map to shape {mapped}, megatron "
+                                  f"stores {one}")
+    return out
+
+
+def _lazy_save_planner():
+    import io
+
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
+                                                       TensorProperties)
+    from torch.distributed.checkpoint.planner import (SavePlan, TensorWriteData, WriteItem,
+                                                      WriteItemType)
+
+    class LazySavePlanner(DefaultSavePlanner):
+        """Plans the checkpoint from shapes alone and makes each block only when the storage
+        writer asks for it (resolve_data), one at a time: the mirror of the export's
+        BlockLoadPlanner. Objects are stored as megatron stores a ShardedObject."""
+
+        def __init__(self, tensors, blocks, objects, make_block):
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self.tensors, self.objects, self.make_block = tensors, objects, make_block
+            self.block_of = {MetadataIndex(block[1], torch.Size(block[2])): block
+                             for block in blocks}
+
+        def create_local_plan(self):
+            items = [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO)
+                     for key in self.objects]
+            for index, (_, _, _, shape) in self.block_of.items():
+                size, dtype = self.tensors[index.fqn]
+                chunk = ChunkStorageMetadata(offsets=index.offset, sizes=torch.Size(shape))
+                items.append(WriteItem(index=index, type=WriteItemType.SHARD,
+                                       tensor_data=TensorWriteData(
+                                           chunk=chunk, properties=TensorProperties(dtype=dtype),
+                                           size=torch.Size(size))))
+            self.plan = SavePlan(items)
+            return self.plan
+
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                data = io.BytesIO()
+                torch.save([self.objects[write_item.index.fqn]], data)
+                return data
+            return self.make_block(self.block_of[write_item.index],
+                                   self.tensors[write_item.index.fqn][1])
+
+    return LazySavePlanner
 
 
 def import_hf_checkpoint(hf_dir: str, out_dir: str, tp: int, pp: int,
                          make_vocab_size_divisible_by: int = 128,
                          dtype: Optional[str] = None) -> ModelConfig:
-    """Collective over TP x PP ranks (a 1-rank group when run plainly with tp = pp = 1)."""
-    import torch.distributed as dist
+    """Write a megatron dist checkpoint of the HF model in HF_DIR, in this one process, one
+    block at a time. tp decides the vocabulary padding; tp and pp are checked to split the
+    model (prepare_import) but need no processes: the stored tensors are global."""
+    from torch.distributed.checkpoint import FileSystemWriter, save
 
-    from megatron_rl.checkpointing.model import save_model
-    from megatron_rl.models.gpt import build_gpt_model
-    from megatron_rl.parallel import state
-    from megatron_rl.parallel.config import ParallelConfig
-    from megatron_rl.parallel.gather import global_layer_name
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != tp * pp:
-        raise ConversionError(f"--tp {tp} x --pp {pp} needs {tp * pp} processes, "
-                              f"this job has {world}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConversionError("hf-to-megatron runs in one process whatever --tp/--pp (the "
+                              "checkpoint holds global tensors); run it without torchrun")
     cfg, reader = prepare_import(hf_dir, out_dir, tp, pp, make_vocab_size_divisible_by, dtype)
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    info = state.initialize(parallel)
-    # The checkpoint is the same whichever layer spec builds it; the local one needs no TE.
-    model = build_gpt_model(dataclasses.replace(cfg, transformer_impl="local"), parallel)
-    padded_vocab = cfg.padded_vocab_size(tp)
-    with torch.no_grad():
-        for local_name, param in model.named_parameters():
-            name = global_layer_name(local_name, model)
-            full = megatron_tensor_from_hf(name, reader.get, cfg, padded_vocab)
-            param.copy_(tensor_parallel_shard(full, name, param, info.tp_rank, tp))
-            del full
-    reader.close()
-    save_model(model, out_dir)
-    if info.rank == 0:
-        with open(os.path.join(out_dir, MODEL_CONFIG_FILE), "w") as f:
-            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-        _copy_non_weight_files(hf_dir, os.path.join(out_dir, HF_FILES_DIR))
-    dist.barrier()
-    state.destroy()
+    tensors, objects = _stored_entries(cfg, tp)
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+
+    blocks = _import_blocks(cfg, {key: shape for key, (shape, _) in tensors.items()})
+
+    def make_block(block, stored_dtype):
+        name, _, _, shape = block
+        if name is None:  # vocabulary padding rows
+            return torch.zeros(shape, dtype=stored_dtype)
+        return megatron_tensor_from_hf(name, reader.get, cfg).to(stored_dtype).reshape(shape)
+
+    os.makedirs(out_dir, exist_ok=True)
+    # One file per block: torch's FileSystemWriter keeps the last block of each key of a file
+    # (for its safetensors format, whatever the format) until it closes the file, which in one
+    # file would keep both vocabulary tensors and a whole layer in memory.
+    writer = FileSystemWriter(out_dir, single_file_per_rank=False, thread_count=1)
+    save({}, storage_writer=writer,
+         planner=_lazy_save_planner()(tensors, blocks, objects, make_block), no_dist=True)
+    # last, as megatron's save does: metadata.json marks a complete dist checkpoint
+    save_config(CheckpointingConfig("torch_dist"), out_dir)
+    with open(os.path.join(out_dir, MODEL_CONFIG_FILE), "w") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    _copy_non_weight_files(hf_dir, os.path.join(out_dir, HF_FILES_DIR))
     return cfg
 
 
@@ -286,30 +402,14 @@ class MegatronCheckpointReader:
         self.stored = {k: v for k, v in stored.items() if isinstance(v, TensorStorageMetadata)
                        and k.split(".")[0] in ("embedding", "decoder", "output_layer")}
         for key, meta in self.stored.items():
-            if key.startswith("decoder.layers.") and meta.size[0] != cfg.num_layers:
+            if key.startswith(_LAYERS) and meta.size[0] != cfg.num_layers:
                 raise ConversionError(f"{checkpoint_dir}: {key} stores {meta.size[0]} layers, "
                                       f"model.num_layers={cfg.num_layers}")
-        self.layer_keys = [k for k in self.stored if k.startswith("decoder.layers.")]
-        self.other_keys = [k for k in self.stored if k not in self.layer_keys]
+        self.layer_keys = [k for k in self.stored if k.startswith(_LAYERS)]
         self.num_layers = cfg.num_layers
 
     def blocks(self) -> List[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]]:
-        """(megatron name, stored key, offsets, block shape) in file order: embedding, layer by
-        layer, then final norm and output layer."""
-        out = []
-        first = [k for k in self.other_keys if k.startswith("embedding.")]
-        for key in first:
-            out.append((key, key, (0,) * len(self.stored[key].size), tuple(self.stored[key].size)))
-        for layer in range(self.num_layers):
-            for key in self.layer_keys:
-                size = tuple(self.stored[key].size)
-                name = f"decoder.layers.{layer}.{key[len('decoder.layers.'):]}"
-                out.append((name, key, (layer,) + (0,) * (len(size) - 1), (1,) + size[1:]))
-        for key in self.other_keys:
-            if key not in first:
-                out.append((key, key, (0,) * len(self.stored[key].size),
-                            tuple(self.stored[key].size)))
-        return out
+        return _blocks({k: tuple(m.size) for k, m in self.stored.items()}, self.num_layers)
 
     def dtype(self, key: str) -> torch.dtype:
         return self.stored[key].properties.dtype

@@ -1,13 +1,15 @@
-"""Model architecture config: Qwen2/Qwen2.5 and Llama-3 style decoder-only transformers."""
+"""Model architecture config: Qwen2/Qwen2.5, Qwen3 (dense) and Llama-3 style decoder-only
+transformers."""
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 
 @dataclass
 class ModelConfig:
-    # "qwen2" turns on the QKV bias (Qwen2/Qwen2.5); "llama" has none (Llama-3, Qwen3 dense
-    # without qk-norm). Both use RMSNorm, SwiGLU and RoPE.
-    arch: Literal["qwen2", "llama"] = "qwen2"
+    # "qwen2" turns on the QKV bias (Qwen2/Qwen2.5); "llama" has none (Llama-3); "qwen3" has no
+    # QKV bias but an RMSNorm over each query and key head before RoPE (megatron's
+    # qk_layernorm). All use RMSNorm, SwiGLU and RoPE.
+    arch: Literal["qwen2", "llama", "qwen3"] = "qwen2"
     num_layers: int = 2
     hidden_size: int = 64
     ffn_hidden_size: int = 176
@@ -44,6 +46,14 @@ class ModelConfig:
     @property
     def add_qkv_bias(self) -> bool:
         return self.arch == "qwen2"
+
+    @property
+    def qk_layernorm(self) -> bool:
+        return self.arch == "qwen3"
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
         multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size

@@ -1,4 +1,4 @@
-"""megatron-core GPTModel for Qwen2/Qwen2.5 and Llama-3 style configs.
+"""megatron-core GPTModel for Qwen2/Qwen2.5, Qwen3 (dense) and Llama-3 style configs.
 
 TransformerEngine's layer spec when TE imports (GPU hosts), megatron's local spec otherwise.
 """
@@ -59,6 +59,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig):
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
         attention_dropout=cfg.attention_dropout,
         hidden_dropout=cfg.hidden_dropout,
         init_method_std=cfg.init_method_std,
@@ -95,9 +96,13 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig):
 def layer_spec(cfg: ModelConfig):
     from megatron.core.models.gpt import gpt_layer_specs
 
+    # The spec decides which module q_layernorm/k_layernorm are (the config only switches them
+    # on): TENorm, or with the local spec torch's RMSNorm, since normalization is RMSNorm.
     if use_transformer_engine(cfg):
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=cfg.qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm",
+                                                    qk_layernorm=cfg.qk_layernorm)
 
 
 def build_gpt_model(cfg: ModelConfig, parallel: ParallelConfig, pre_process=None,

@@ -1,5 +1,5 @@
 """The one name and layout mapping between megatron-core GPT weights and Hugging Face
-Qwen2ForCausalLM / LlamaForCausalLM weights, plus ModelConfig <-> HF config.json.
+Qwen2ForCausalLM / Qwen3ForCausalLM / LlamaForCausalLM weights, plus ModelConfig <-> HF config.json.
 
 Checkpoint conversion (megatron_rl.checkpointing.convert) and weight sync to SGLang both go through
 `megatron_to_hf_tensors` (and its inverse `megatron_tensor_from_hf`), so the two cannot drift apart.
@@ -12,8 +12,12 @@ accepted. Layouts:
   - linear_qkv: per query group [q heads of the group; k; v] rows (see tests/unit/test_model.py);
     HF keeps q_proj, k_proj, v_proj separate.
   - linear_fc1: [gate; up] rows; HF keeps gate_proj, up_proj separate.
+  - Qwen3's q_norm / k_norm: megatron's q_layernorm / k_layernorm, one head_dim weight shared by
+    all heads, the same tensor on both sides (replicated over TP, never split).
   - word embeddings / output layer: vocab padded to ModelConfig.padded_vocab_size(tp) rows; HF has
-    exactly vocab_size rows. Padding rows are zero on import and dropped on export.
+    exactly vocab_size rows. Padding rows are dropped on export; on import they are zero and left
+    to the caller (the converter writes them as their own block, so that the largest tensors are
+    never copied to pad them).
 """
 import re
 from typing import Callable, Dict, List, Optional, Tuple
@@ -27,11 +31,8 @@ class ConversionError(ValueError):
     """A checkpoint or config that cannot be converted; the message names the file or field."""
 
 
-ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
-_REFUSED_ARCHITECTURES = {
-    "Qwen3ForCausalLM": "Qwen3 applies RMSNorm to q and k per head (q_norm/k_norm), which "
-                        "ModelConfig has no field for (megatron's qk_layernorm)",
-}
+ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama",
+                 "Qwen3ForCausalLM": "qwen3"}
 # Megatron's Llama-3 RoPE scaling (RotaryEmbedding._apply_scaling) fixes all but the factor.
 _LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192}
@@ -49,9 +50,12 @@ _LAYER_SUFFIXES = {
     "self_attention.linear_qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias",
                                        "self_attn.v_proj.bias"),
     "self_attention.linear_proj.weight": ("self_attn.o_proj.weight",),
+    "self_attention.q_layernorm.weight": ("self_attn.q_norm.weight",),
+    "self_attention.k_layernorm.weight": ("self_attn.k_norm.weight",),
     "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
     "mlp.linear_fc2.weight": ("mlp.down_proj.weight",),
 }
+_QK_NORMS = ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight")
 _GLOBAL_NAMES = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
     "decoder.final_layernorm.weight": "model.norm.weight",
@@ -93,9 +97,6 @@ def model_config_from_hf(hf: dict, source: str = "config.json",
         raise ConversionError(f"{source}: 'architectures' must name exactly one class, "
                               f"got {architectures}")
     architecture = architectures[0]
-    if architecture in _REFUSED_ARCHITECTURES:
-        raise ConversionError(f"{source}: architecture {architecture} is not supported: "
-                              f"{_REFUSED_ARCHITECTURES[architecture]}")
     if architecture not in ARCHITECTURES:
         raise ConversionError(f"{source}: architecture {architecture} is not supported "
                               f"(supported: {', '.join(sorted(ARCHITECTURES))})")
@@ -139,9 +140,9 @@ def model_config_from_hf(hf: dict, source: str = "config.json",
 def hf_config_from_model_config(cfg: ModelConfig) -> dict:
     """config.json for a model that has no original HF config (e.g. trained from scratch).
     Written in the transformers v4 spelling (rope_theta/rope_scaling), which v5 and SGLang read."""
-    head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+    architecture = next(a for a, arch in ARCHITECTURES.items() if arch == cfg.arch)
     config = {
-        "architectures": ["Qwen2ForCausalLM" if cfg.arch == "qwen2" else "LlamaForCausalLM"],
+        "architectures": [architecture],
         "model_type": cfg.arch,
         "hidden_act": "silu",
         "hidden_size": cfg.hidden_size,
@@ -149,7 +150,7 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_query_groups or cfg.num_attention_heads,
-        "head_dim": head_dim,
+        "head_dim": cfg.head_dim,
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.norm_epsilon,
@@ -163,6 +164,8 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
                                   **_LLAMA3_ROPE_FIXED}
     if cfg.arch == "llama":
         config.update(attention_bias=False, mlp_bias=False)
+    if cfg.arch == "qwen3":
+        config.update(attention_bias=False)
     return config
 
 
@@ -173,8 +176,7 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
 def _attention_dims(cfg: ModelConfig) -> Tuple[int, int, int]:
     """(query groups, query heads per group, head dim)."""
     groups = cfg.num_query_groups or cfg.num_attention_heads
-    return groups, cfg.num_attention_heads // groups, (
-        cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads)
+    return groups, cfg.num_attention_heads // groups, cfg.head_dim
 
 
 def expected_hf_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
@@ -191,6 +193,8 @@ def expected_hf_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     if cfg.add_qkv_bias:
         layer.update({"self_attn.q_proj.bias": (groups * per_group * d,),
                       "self_attn.k_proj.bias": (groups * d,), "self_attn.v_proj.bias": (groups * d,)})
+    if cfg.qk_layernorm:
+        layer.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, h)
@@ -218,6 +222,8 @@ def hf_names(name: str, cfg: ModelConfig) -> List[str]:
         raise ConversionError(f"no Hugging Face counterpart for megatron tensor {name!r}")
     if match.group(2) == "self_attention.linear_qkv.bias" and not cfg.add_qkv_bias:
         raise ConversionError(f"{name}: model.arch={cfg.arch} has no QKV bias")
+    if match.group(2) in _QK_NORMS and not cfg.qk_layernorm:
+        raise ConversionError(f"{name}: model.arch={cfg.arch} has no q/k norm (only qwen3)")
     return [f"model.layers.{match.group(1)}.{s}" for s in _LAYER_SUFFIXES[match.group(2)]]
 
 
@@ -246,10 +252,11 @@ def megatron_to_hf_tensors(name: str, full_tensor: torch.Tensor,
 
 
 def megatron_tensor_from_hf(name: str, get_hf_tensor: Callable[[str], torch.Tensor],
-                            cfg: ModelConfig, padded_vocab_size: int) -> torch.Tensor:
+                            cfg: ModelConfig) -> torch.Tensor:
     """The full megatron tensor `name`, built from HF tensors fetched one at a time with
-    `get_hf_tensor(hf_name)` (each checked against the shape the config implies). The tied
-    output layer (held by the last pipeline stage) is the input embedding."""
+    `get_hf_tensor(hf_name)` (each checked against the shape the config implies), except that
+    vocabulary tensors have the vocab_size rows of HF, without megatron's zero padding rows. The
+    tied output layer (held by the last pipeline stage) is the input embedding."""
     name = _canonical(name)
     names = hf_names(name, cfg) or ["model.embed_tokens.weight"]
     shapes = expected_hf_shapes(cfg)
@@ -261,11 +268,6 @@ def megatron_tensor_from_hf(name: str, get_hf_tensor: Callable[[str], torch.Tens
                                   f"{shapes[hf_name]} implied by the model config")
         return tensor
 
-    if name in _VOCAB_ROWS:
-        embedding = fetch(names[0])
-        padded = embedding.new_zeros(padded_vocab_size, embedding.shape[1])
-        padded[: cfg.vocab_size] = embedding
-        return padded
     parts = [fetch(n) for n in names]
     if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
         groups, per_group, d = _attention_dims(cfg)

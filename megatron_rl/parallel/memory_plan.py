@@ -6,7 +6,8 @@ naming the biggest items and what would shrink them.
 
 Assumptions (docs/memory_plan.md repeats them next to the numbers):
 - Parameters: megatron-core GPTModel with the layout of megatron_rl.models.gpt: RMSNorm (weight
-  only, replicated over TP), QKV with bias for arch=qwen2, no other linear biases, SwiGLU MLP
+  only, replicated over TP; arch=qwen3 adds per-head q/k norms), QKV with bias for arch=qwen2, no
+  other linear biases, SwiGLU MLP
   (fc1 is [2 x ffn, h]), RoPE (no position table). The vocabulary is padded to a multiple of
   make_vocab_size_divisible_by x TP; embedding and output layer are split over TP by rows, layers
   over PP and their matrices over TP. The first stage holds the embedding, the last the final norm
@@ -146,7 +147,7 @@ _SUGGESTIONS = {
 def layer_params(cfg, tp: int) -> int:
     """Parameters of one transformer layer on one TP rank."""
     m = cfg.model
-    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    head_dim = m.head_dim
     groups = m.num_query_groups or m.num_attention_heads
     qkv_width = (m.num_attention_heads + 2 * groups) * head_dim
     h = m.hidden_size
@@ -154,6 +155,8 @@ def layer_params(cfg, tp: int) -> int:
     proj = m.num_attention_heads * head_dim * h // tp
     mlp = 3 * h * m.ffn_hidden_size // tp  # fc1 [2f, h] (gate and up) + fc2 [h, f]
     norms = 2 * h  # input and pre-MLP RMSNorm weights, replicated over TP
+    if m.qk_layernorm:  # arch=qwen3: one head_dim RMSNorm weight each for q and k, replicated
+        norms += 2 * head_dim
     return qkv + proj + mlp + norms
 
 
@@ -209,7 +212,7 @@ def layer_activation_bytes(*, seq: int, micro_batch: int, hidden: int, heads: in
 
 def _activation_bytes_per_micro_batch(cfg, recompute: Recompute, layers: int) -> int:
     m, p, t = cfg.model, cfg.parallel, cfg.training
-    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    head_dim = m.head_dim
     common = dict(seq=t.seq_length // p.context_parallel_size, micro_batch=t.micro_batch_size,
                   hidden=m.hidden_size, heads=m.num_attention_heads,
                   groups=m.num_query_groups or m.num_attention_heads, head_dim=head_dim,
@@ -278,7 +281,7 @@ def plan_memory(cfg, gpu_memory_gib: float, *, distributed_optimizer: bool = Tru
                     chunked_logprobs=chunked_logprobs, kv_cache_fraction=kv_cache_fraction,
                     colocated_rollout=colocated_rollout, runtime_overhead_gib=runtime_overhead_gib)
 
-    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    head_dim = m.head_dim
     groups = m.num_query_groups or m.num_attention_heads
     engines = max(1, (p.data_parallel_size or 1) * pp)  # world / TP
     engine_sequences = cfg.rollout.prompts_per_step * cfg.algorithm.n / engines

@@ -1,8 +1,9 @@
-"""tools/convert_checkpoint.py against transformers: tiny random Qwen2 (tied embeddings, QKV bias)
-and Llama (untied, Llama-3 RoPE scaling, vocab needing padding) models built with transformers'
-own classes go HF -> megatron (Qwen2 in one process with TP=1, Llama with TP=2 x PP=2 through
-torchrun), the megatron model loaded in TP=1, TP=2 and PP=2 gives transformers' logits, and
-megatron -> HF gives back identical tensors that transformers loads, with the same logits.
+"""tools/convert_checkpoint.py against transformers: tiny random Qwen2 (tied embeddings, QKV bias),
+Llama (untied, Llama-3 RoPE scaling, vocab needing padding) and Qwen3 (tied, per-head q/k norms,
+head dim 32 != hidden / heads) models built with transformers' own classes go HF -> megatron
+(imported for TP=1, TP=2 x PP=2 and PP=2), the megatron model loaded in TP=1, TP=2 and PP=2 gives
+transformers' logits, and megatron -> HF gives back identical tensors that transformers loads,
+with the same logits.
 
 The conversions and the one torchrun launch that checks all layouts run once per module."""
 import json
@@ -17,13 +18,14 @@ from tests.torchrun import ROOT, run_torchrun
 
 TOOL = os.path.join(ROOT, "tools", "convert_checkpoint.py")
 WORKER = "tests/distributed/workers/convert_worker.py"
-MODELS = ("qwen2", "llama")
+MODELS = ("qwen2", "llama", "qwen3")
 # how each model is converted to megatron: (--tp, --pp)
-IMPORT_LAYOUT = {"qwen2": (1, 1), "llama": (2, 2)}
+IMPORT_LAYOUT = {"qwen2": (1, 1), "llama": (2, 2), "qwen3": (1, 2)}
 
 
 def hf_model(kind):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
     shared = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
@@ -31,6 +33,10 @@ def hf_model(kind):
         config = Qwen2Config(vocab_size=500, tie_word_embeddings=True, rope_theta=1e6,
                              max_position_embeddings=256, **shared)
         model = Qwen2ForCausalLM(config)
+    elif kind == "qwen3":
+        config = Qwen3Config(vocab_size=400, tie_word_embeddings=True, rope_theta=1e6,
+                             head_dim=32, max_position_embeddings=256, **shared)
+        model = Qwen3ForCausalLM(config)
     else:
         # theta and scaling as in Llama-3.1, so that the scaling changes most RoPE frequencies
         config = LlamaConfig(vocab_size=300, tie_word_embeddings=False, rope_theta=500000.0,
@@ -39,8 +45,8 @@ def hf_model(kind):
                                            "original_max_position_embeddings": 8192},
                              max_position_embeddings=131072, **shared)
         model = LlamaForCausalLM(config)
-    generator = torch.Generator().manual_seed(len(kind))
-    with torch.no_grad():  # random everywhere, QKV biases and norms included
+    generator = torch.Generator().manual_seed(sum(map(ord, kind)))
+    with torch.no_grad():  # random everywhere, QKV biases and norms (q/k norms too) included
         for param in model.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     return model.eval()
@@ -57,8 +63,12 @@ def write_tokenizer(directory):
 
 
 def convert(*args):
+    # PYTHONPATH: the script's own folder (tools/) heads sys.path, so without it an editable
+    # install elsewhere (another checkout) would provide megatron_rl
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, TOOL, *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=300, env=env)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -142,6 +152,20 @@ def test_megatron_to_hf_round_trips_and_loads_in_transformers(kind, converted):
     torch.testing.assert_close(logits, reference["logits"], rtol=0, atol=0)
 
 
+def test_hf_to_megatron_streams():
+    """Peak memory of the import follows the largest tensor, not the model: tools/bench_convert.py
+    on a 374 MB float32 model (16 layers; largest tensors the 66 MB embedding and output layer).
+    Holding the model, as the import did before it streamed, takes over twice the model."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_convert.py"),
+                           "--layers", "16", "--hidden", "512", "--ffn", "2048"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    above_imports = (result["hf_to_megatron"]["peak_rss_mb"]
+                     - result["imports_only"]["peak_rss_mb"])
+    assert result["model_mb"] > 350 and above_imports < 0.5 * result["model_mb"], result
+
+
 def test_command_line_refuses_clearly(tmp_path):
     """The fixed command line exits 2 with a message naming the field (more refusals, without
     subprocesses, in tests/unit/test_hf_mapping.py)."""
@@ -151,7 +175,8 @@ def test_command_line_refuses_clearly(tmp_path):
     rc, log = convert("hf-to-megatron", "--input", hf_dir, "--output", tmp_path / "m", "--tp", 4)
     assert rc == 2 and "model.num_query_groups=2 is not divisible by" in log, log[-3000:]
     config = json.loads((hf_dir / "config.json").read_text())
-    (hf_dir / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3ForCausalLM"]}))
+    (hf_dir / "config.json").write_text(json.dumps({**config,
+                                                    "architectures": ["MistralForCausalLM"]}))
     rc, log = convert("hf-to-megatron", "--input", hf_dir, "--output", tmp_path / "m")
-    assert rc == 2 and "Qwen3ForCausalLM is not supported" in log and "q_norm" in log, log[-3000:]
+    assert rc == 2 and "MistralForCausalLM is not supported" in log, log[-3000:]
     assert not (tmp_path / "m").exists()

@@ -14,11 +14,15 @@ warnings.filterwarnings("ignore")
 VOCAB = 300  # < padded 384: padded columns must never be sampled
 
 
-@pytest.fixture(scope="module")
-def model():
+# qwen3: the KV cache path also runs the per-head q/k norms (and a head dim apart from
+# hidden / heads)
+@pytest.fixture(scope="module", params=[[], ["model.arch=qwen3", "model.kv_channels=32"]],
+                ids=["qwen2", "qwen3"])
+def model(request):
     from megatron_rl.models.gpt import build_gpt_model
 
-    cfg = load_config(None, [f"model.vocab_size={VOCAB}", "model.num_layers=2"], world_size=1)
+    cfg = load_config(None, [f"model.vocab_size={VOCAB}", "model.num_layers=2", *request.param],
+                      world_size=1)
     state.initialize(cfg.parallel)
     m = build_gpt_model(cfg.model, cfg.parallel)
     yield m

@@ -37,7 +37,7 @@ def test_int_is_accepted_for_float():
     ("model.hidden_size=abc", "model.hidden_size: expected an int, got str 'abc'"),
     ("model.hidden_size=1.5", "model.hidden_size: expected an int"),
     ("parallel.sequence_parallel=3", "parallel.sequence_parallel: expected true/false"),
-    ("model.arch=gpt2", "model.arch: 'gpt2' is not one of ['qwen2', 'llama']"),
+    ("model.arch=gpt2", "model.arch: 'gpt2' is not one of ['qwen2', 'llama', 'qwen3']"),
     ("model.num_layers=-1", "model.num_layers must be positive"),
 ])
 def test_bad_values_name_the_key(override, message):

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from megatron_rl.checkpointing.convert import (
-    export_hf_checkpoint, prepare_import, tensor_parallel_shard)
+from megatron_rl.checkpointing.convert import (export_hf_checkpoint, import_hf_checkpoint,
+                                               prepare_import)
 from megatron_rl.models.config import ModelConfig
 from megatron_rl.models.hf_mapping import (
     ConversionError, expected_hf_shapes, hf_config_from_model_config, hf_names,
@@ -30,19 +30,28 @@ def megatron_names(cfg, te_names=False):
                         "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
     if cfg.add_qkv_bias:
         suffixes.append("self_attention.linear_qkv.bias")
+    if cfg.qk_layernorm:
+        suffixes += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
     names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
     names += [f"decoder.layers.{i}.{s}" for i in range(cfg.num_layers) for s in suffixes]
     return names + ([] if cfg.tie_word_embeddings else ["output_layer.weight"])
 
 
 @pytest.mark.parametrize("te_names", [False, True])
-@pytest.mark.parametrize("arch, tied", [("qwen2", False), ("llama", True)])
+@pytest.mark.parametrize("arch, tied", [("qwen2", False), ("llama", True), ("qwen3", True)])
 def test_hf_to_megatron_to_hf_is_the_identity(arch, tied, te_names):
-    cfg = ModelConfig(**{**CFG.__dict__, "arch": arch, "tie_word_embeddings": tied})
+    # qwen3 with a head dim (16) other than hidden / heads (8), as Qwen3 checkpoints have
+    kv_channels = 16 if arch == "qwen3" else None
+    cfg = ModelConfig(**{**CFG.__dict__, "arch": arch, "tie_word_embeddings": tied,
+                         "kv_channels": kv_channels})
     hf = random_hf_tensors(cfg)
+    assert ("model.layers.1.self_attn.q_norm.weight" in hf) == (arch == "qwen3")
     back = {}
     for name in megatron_names(cfg, te_names):
-        full = megatron_tensor_from_hf(name, hf.__getitem__, cfg, cfg.padded_vocab_size(2))
+        full = megatron_tensor_from_hf(name, hf.__getitem__, cfg)
+        if full.shape[0] == cfg.vocab_size:  # what the converter does: zero padding rows
+            full = torch.cat([full, full.new_zeros(cfg.padded_vocab_size(2) - len(full),
+                                                   *full.shape[1:])])
         back.update(megatron_to_hf_tensors("module.module." + name, full, cfg))
     assert sorted(back) == sorted(hf)
     for name, tensor in hf.items():
@@ -53,33 +62,19 @@ def test_fused_layouts_are_megatrons():
     hf = random_hf_tensors(CFG)
     p = "model.layers.1."
     qkv = megatron_tensor_from_hf("decoder.layers.1.self_attention.linear_qkv.weight",
-                                  hf.__getitem__, CFG, 128)
+                                  hf.__getitem__, CFG)
     # per query group g: its 2 query heads, then its key head, then its value head (head dim 8)
     q, k, v = (hf[p + f"self_attn.{x}_proj.weight"].view(-1, 8, 32) for x in "qkv")
     want = torch.cat([torch.cat([q[2 * g], q[2 * g + 1], k[g], v[g]]) for g in range(2)])
     assert torch.equal(qkv, want)
     bias = megatron_tensor_from_hf("decoder.layers.1.self_attention.linear_qkv.bias",
-                                   hf.__getitem__, CFG, 128)
+                                   hf.__getitem__, CFG)
     qb, kb, vb = (hf[p + f"self_attn.{x}_proj.bias"].view(-1, 8) for x in "qkv")
     assert torch.equal(bias, torch.cat([qb[0], qb[1], kb[0], vb[0], qb[2], qb[3], kb[1], vb[1]]))
-    fc1 = megatron_tensor_from_hf("decoder.layers.1.mlp.linear_fc1.weight", hf.__getitem__, CFG, 128)
+    fc1 = megatron_tensor_from_hf("decoder.layers.1.mlp.linear_fc1.weight", hf.__getitem__, CFG)
     assert torch.equal(fc1, torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]))
-    embedding = megatron_tensor_from_hf("embedding.word_embeddings.weight", hf.__getitem__, CFG, 256)
-    assert embedding.shape == (256, 32) and not embedding[100:].any()
-    assert torch.equal(embedding[:100], hf["model.embed_tokens.weight"])
-
-
-def test_tensor_parallel_shards_regather_to_the_full_tensor():
-    class Param:
-        tensor_model_parallel, partition_dim = True, 0
-
-    full = torch.arange(24.0).view(8, 3)  # fc1 = [gate (4 rows); up (4 rows)]
-    shards = [tensor_parallel_shard(full, "decoder.layers.0.mlp.linear_fc1.weight", Param, r, 2)
-              for r in range(2)]
-    assert torch.equal(shards[0], full[[0, 1, 4, 5]]) and torch.equal(shards[1], full[[2, 3, 6, 7]])
-    proj = [tensor_parallel_shard(full, "decoder.layers.0.self_attention.linear_qkv.weight",
-                                  Param, r, 2) for r in range(2)]
-    assert torch.equal(torch.cat(proj), full)
+    embedding = megatron_tensor_from_hf("embedding.word_embeddings.weight", hf.__getitem__, CFG)
+    assert torch.equal(embedding, hf["model.embed_tokens.weight"])  # padding: the converter's
 
 
 def test_tied_output_layer_is_not_exported_and_imports_the_embedding():
@@ -87,16 +82,21 @@ def test_tied_output_layer_is_not_exported_and_imports_the_embedding():
     hf = random_hf_tensors(cfg)
     assert "lm_head.weight" not in hf
     assert megatron_to_hf_tensors("output_layer.weight", torch.zeros(128, 32), cfg) == []
-    out = megatron_tensor_from_hf("output_layer.weight", hf.__getitem__, cfg, 128)
-    assert torch.equal(out[:100], hf["model.embed_tokens.weight"])
+    out = megatron_tensor_from_hf("output_layer.weight", hf.__getitem__, cfg)
+    assert torch.equal(out, hf["model.embed_tokens.weight"])
 
 
 def test_config_round_trip_and_rope_settings():
-    for cfg in (CFG, ModelConfig(arch="llama", num_layers=3, hidden_size=64, num_attention_heads=4,
-                                 num_query_groups=1, kv_channels=32, rotary_base=5e5,
-                                 rope_scaling_factor=8.0, tie_word_embeddings=False,
-                                 params_dtype="bfloat16")):
+    qwen3 = ModelConfig(arch="qwen3", num_layers=2, hidden_size=64, num_attention_heads=4,
+                        num_query_groups=2, kv_channels=32, rotary_base=1e6)
+    for cfg in (CFG, qwen3, ModelConfig(arch="llama", num_layers=3, hidden_size=64,
+                                        num_attention_heads=4, num_query_groups=1, kv_channels=32,
+                                        rotary_base=5e5, rope_scaling_factor=8.0,
+                                        tie_word_embeddings=False, params_dtype="bfloat16")):
         assert model_config_from_hf(hf_config_from_model_config(cfg)) == cfg
+    hf = hf_config_from_model_config(qwen3)
+    assert (hf["architectures"], hf["model_type"], hf["head_dim"], hf["attention_bias"]) == (
+        ["Qwen3ForCausalLM"], "qwen3", 32, False)
     # transformers v5 spelling
     v5 = {**hf_config_from_model_config(CFG), "rope_parameters": {"rope_type": "default",
                                                                   "rope_theta": 1e6}}
@@ -105,8 +105,9 @@ def test_config_round_trip_and_rope_settings():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"architectures": ["Qwen3ForCausalLM"]}, "q_norm"),
-    ({"architectures": ["MistralForCausalLM"]}, "supported: LlamaForCausalLM, Qwen2ForCausalLM"),
+    ({"architectures": ["MistralForCausalLM"]},
+     "supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+    ({"architectures": ["Qwen3ForCausalLM"], "attention_bias": True}, "attention_bias"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling type 'yarn'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}},
      "low_freq_factor=2.0"),
@@ -122,6 +123,8 @@ def test_config_refusals_name_the_field(change, message):
 def test_unknown_megatron_name_is_refused():
     with pytest.raises(ConversionError, match="decoder.layers.0.mlp.router.weight"):
         hf_names("decoder.layers.0.mlp.router.weight", CFG)
+    with pytest.raises(ConversionError, match="model.arch=qwen2 has no q/k norm"):
+        hf_names("decoder.layers.0.self_attention.q_layernorm.weight", CFG)
 
 
 def write_hf_folder(directory, cfg, tensors, index=None):
@@ -134,7 +137,7 @@ def write_hf_folder(directory, cfg, tensors, index=None):
         (directory / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
-def test_import_refusals(tmp_path):
+def test_import_refusals(tmp_path, monkeypatch):
     hf = random_hf_tensors(CFG)
     good = tmp_path / "good"
     write_hf_folder(good, CFG, hf)
@@ -147,6 +150,10 @@ def test_import_refusals(tmp_path):
         prepare_import(str(good), str(tmp_path / "out"), tp=8, pp=1)
     with pytest.raises(ConversionError, match="exists and is not an empty directory"):
         prepare_import(str(good), str(good), tp=1, pp=1)
+    with monkeypatch.context() as env:  # launched with torchrun: it needs no ranks
+        env.setenv("WORLD_SIZE", "4")
+        with pytest.raises(ConversionError, match="runs in one process whatever --tp/--pp"):
+            import_hf_checkpoint(str(good), str(tmp_path / "out"), tp=2, pp=2)
 
     index = {"weight_map": {**{n: "model-00001-of-00002.safetensors" for n in hf},
                             "lm_head.weight": "model-00002-of-00002.safetensors"}}

@@ -165,16 +165,19 @@ def test_plan_matches_cpu_peak_within_20_percent():
     assert abs(planned - measured) <= 0.2 * measured, result
 
 
-def test_measured_model_params_match_planner():
-    """The planner's count equals the built model's parameter count (vocab padding included)."""
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_measured_model_params_match_planner(arch):
+    """The planner's count equals the built model's parameter count (vocab padding included;
+    qwen3's q/k norms, with a head dim apart from hidden / heads)."""
     import warnings
 
     warnings.filterwarnings("ignore")
     from megatron_rl.models.gpt import build_gpt_model
     from megatron_rl.parallel import state
 
-    cfg = load_config(None, MEASURED_MODEL[:-6] + ["model.num_layers=2", "model.vocab_size=1000"],
-                      world_size=1)
+    qwen3 = ["model.arch=qwen3", "model.kv_channels=128"] if arch == "qwen3" else []
+    cfg = load_config(None, MEASURED_MODEL[:-6] + ["model.num_layers=2", "model.vocab_size=1000",
+                                                   *qwen3], world_size=1)
     state.initialize(cfg.parallel)
     try:
         model = build_gpt_model(cfg.model, cfg.parallel)

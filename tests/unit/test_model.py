@@ -1,4 +1,4 @@
-"""The GPT builder gives Qwen2 / Llama-3 style models with the right shapes, and its logits
+"""The GPT builder gives Qwen2 / Qwen3 / Llama-3 style models with the right shapes, and its logits
 equal a plain float64 re-implementation of the same architecture."""
 import math
 import warnings
@@ -49,7 +49,7 @@ def reference_logits(model, cfg, tokens):
     sd = {k: v.double() for k, v in model.state_dict().items() if v is not None and
           not k.endswith("_extra_state")}
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
-    d = m.hidden_size // heads
+    d = m.head_dim
     x = sd["embedding.word_embeddings.weight"][tokens]
     s = tokens.shape[0]
     causal = torch.full((s, s), float("-inf"), dtype=torch.float64).triu(1)
@@ -64,6 +64,9 @@ def reference_logits(model, cfg, tokens):
         q = qkv[:, :, :-2].reshape(s, heads, d)
         k = qkv[:, :, -2].repeat_interleave(heads // groups, dim=1)
         v = qkv[:, :, -1].repeat_interleave(heads // groups, dim=1)
+        if m.qk_layernorm:  # qwen3: RMSNorm over each head's d channels, before RoPE
+            q = rms_norm(q, sd[p + "self_attention.q_layernorm.weight"], m.norm_epsilon)
+            k = rms_norm(k, sd[p + "self_attention.k_layernorm.weight"], m.norm_epsilon)
         q, k = rope(q, m.rotary_base), rope(k, m.rotary_base)
         att = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d) + causal
         o = torch.einsum("hqk,khd->qhd", att.softmax(-1), v).reshape(s, heads * d)
@@ -77,21 +80,28 @@ def reference_logits(model, cfg, tokens):
     return x @ out_w.T
 
 
-@pytest.mark.parametrize("arch, tied", [("qwen2", True), ("llama", False)])
-def test_logits_match_float64_reference(arch, tied):
+@pytest.mark.parametrize("arch, tied, head_dim", [("qwen2", True, 16), ("llama", False, 16),
+                                                 ("qwen3", False, 32)])
+def test_logits_match_float64_reference(arch, tied, head_dim):
+    # hidden 64 / 4 heads = 16; qwen3 sets its head dim apart, as Qwen3 checkpoints do
+    kv_channels = [f"model.kv_channels={head_dim}"] if head_dim != 16 else []
     cfg, model = build([f"model.arch={arch}", f"model.tie_word_embeddings={str(tied).lower()}",
-                        "model.num_query_groups=2", "model.num_attention_heads=4"])
+                        "model.num_query_groups=2", "model.num_attention_heads=4", *kv_channels])
     names = dict(model.named_parameters())
     assert ("decoder.layers.0.self_attention.linear_qkv.bias" in names) == (arch == "qwen2")
     assert ("output_layer.weight" in names) == (not tied)
-    head_dim = cfg.model.hidden_size // cfg.model.num_attention_heads
+    for norm in ("q_layernorm", "k_layernorm"):
+        name = f"decoder.layers.0.self_attention.{norm}.weight"
+        assert (names[name].shape == (head_dim,)) if arch == "qwen3" else name not in names
     assert names["decoder.layers.0.self_attention.linear_qkv.weight"].shape == (
         (4 + 2 * 2) * head_dim, cfg.model.hidden_size)
     assert names["embedding.word_embeddings.weight"].shape[0] == 512  # padded to 128 x TP
-    with torch.no_grad():  # make the QKV bias non-zero so that it is tested
+    with torch.no_grad():  # make the QKV bias and the q/k norms non-trivial so they are tested
         for n, p in names.items():
             if n.endswith("linear_qkv.bias"):
                 p.normal_(0, 0.1)
+            if n.endswith("q_layernorm.weight") or n.endswith("k_layernorm.weight"):
+                p.uniform_(0.5, 1.5)
     tokens = torch.randint(0, cfg.model.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(12).unsqueeze(0)
     got = model(tokens, pos, None).detach()[0].double()
