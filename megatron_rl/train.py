@@ -201,6 +201,10 @@ def main(argv=None):
             mine = prompts[info.dp_rank * per_rank: (info.dp_rank + 1) * per_rank]
             samples = engine.generate([p for p, _ in mine], sampling,
                                       seed=step_seed(rc.seed, step, info.dp_rank))
+            if rc.async_rollout and step < t.steps:  # the next step's, while this one trains
+                upcoming = task.prompts_for_step(step + 1, rc.prompts_per_step)
+                engine.prefetch([p for p, _ in upcoming[info.dp_rank * per_rank:
+                                                        (info.dp_rank + 1) * per_rank]], sampling)
             t_rollout = time.time() - t0
             # 2. reward, 3. advantages (groups of n are contiguous and stay on one rank)
             answers = [mine[s.prompt_index][1] for s in samples]
@@ -254,6 +258,7 @@ def main(argv=None):
             record = dict(step=step, reward_mean=dp_mean(float(rewards.mean())),
                           lr=optimizer.param_groups[0]["lr"], weight_version=engine.weight_version,
                           rollout_time_s=t_rollout, train_time_s=t_train,
+                          rollout_weight_version=min(s.weight_version for s in samples),
                           step_time_s=time.time() - t0)
             record.update({f"rollout/{k}": v for k, v in rollout_metrics(
                 rewards, advantages, resp_mask, alg.n).items()})

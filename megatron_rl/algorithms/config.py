@@ -49,6 +49,13 @@ class AlgorithmConfig:
     # Base seed of Clip-Cov's uniform draw; the trainer mixes in step and mini-batch index.
     seed: int = 0
 
+    # Truncated importance sampling (TIS) against the rollout policy: each token's policy
+    # term is weighted by min(pi_old / pi_rollout, cap), pi_rollout being the engine's
+    # log-probs. Corrects for rollouts sampled by an older policy (asynchronous rollout is one
+    # version behind) or by an engine whose numerics differ. None: off.
+    rollout_is_cap: Optional[float] = field(default=None,
+                                            metadata={"aliases": ("tis_imp_ratio_cap",)})
+
     # --- regularisers ---
     entropy_coef: float = field(default=0.0, metadata={"aliases": ("entropy_coeff",)})
     kl_ref_coef: float = field(default=0.0, metadata={"aliases": ("kl_loss_coef",)})
@@ -72,6 +79,8 @@ class AlgorithmConfig:
             fail("eps_low", "must be in [0, 1)")
         if self.eps_high < 0.0:
             fail("eps_high", "must be >= 0")
+        if self.rollout_is_cap is not None and self.rollout_is_cap < 1.0:
+            fail("rollout_is_cap", "must be >= 1 (or null to disable the correction)")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
             fail("dual_clip_c", "must be > 1 (or null to disable dual clip)")
         for name in ("r", "k"):

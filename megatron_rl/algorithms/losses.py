@@ -86,6 +86,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                 selected: Optional[torch.Tensor] = None,
                 entropy: Optional[torch.Tensor] = None,
                 ref_logprobs: Optional[torch.Tensor] = None,
+                rollout_logprobs: Optional[torch.Tensor] = None,
                 num_global_tokens: Count = None,
                 num_global_sequences: Count = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """This piece's share of the policy loss, and its metric token sums.
@@ -97,6 +98,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
       clip_cov: ppo_clip, and 0 (no gradient) on the `selected` tokens
       kl_cov:   -A * ratio, plus beta * |log pi - log pi_old| on the `selected` tokens; no clip
     then aggregated with config.aggregation over the global normalisers (module docstring).
+    With rollout_is_cap = C, each token's term above is first weighted by the detached
+    min(pi_old / pi_rollout, C) (truncated importance sampling; `rollout_logprobs` required).
     Adds -entropy_coef * agg(entropy) and kl_ref_coef * agg(KL(pi || pi_ref)) when set.
 
     `selected`: bool [B, T] from selection.select_tokens over the whole mini-batch, sliced to this
@@ -142,6 +145,14 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         penalty = config.beta * log_ratio.abs()
         per_token = per_token + torch.where(selected, penalty, torch.zeros_like(penalty))
         stats["kl_cov_frac"] = token_sum(selected)
+
+    if config.rollout_is_cap is not None:
+        if rollout_logprobs is None:
+            raise ValueError("rollout_is_cap is set: pass the engine's `rollout_logprobs`")
+        weight = torch.exp((old_logprobs - rollout_logprobs).clamp(max=MAX_LOG_RATIO))
+        weight = weight.clamp(max=config.rollout_is_cap).detach()
+        per_token = per_token * weight
+        stats["rollout_is_weight"] = token_sum(weight)
 
     def agg(values):
         return aggregate(values, mask, config.aggregation, num_global_tokens,

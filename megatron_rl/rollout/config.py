@@ -55,11 +55,20 @@ class RolloutConfig:
     top_k: int = -1
     max_new_tokens: int = 8
     seed: int = 0
+    # SGLang only: generate step t+1's samples while step t trains (they come from the weights
+    # before step t's update: one version behind; see algorithm.rollout_is_cap).
+    async_rollout: bool = False
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
     def __post_init__(self):
         if self.prompts_per_step < 1 or self.max_new_tokens < 1:
             raise ValueError("rollout.prompts_per_step and rollout.max_new_tokens must be >= 1")
+        if self.async_rollout and self.engine != "sglang":
+            raise ValueError("rollout.async_rollout needs rollout.engine=sglang (the built-in "
+                             "engine generates with the weights being trained)")
+        if self.async_rollout and self.sglang.placement == "colocated":
+            raise ValueError("rollout.async_rollout needs rollout.sglang.placement="
+                             "disaggregated: colocated engines give their GPUs to training")
         if self.temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0 for RL sampling, "
                              f"got {self.temperature}")

@@ -108,6 +108,8 @@ class SGLangEngine:
         self._local = threading.local()
         # engine index -> (its weight-sync group, the group's name, the store it rendezvoused on)
         self._groups: Dict[int, Tuple[dist.ProcessGroup, str, dist.TCPStore]] = {}
+        # Restarted engines still serving their initial weights: no requests until a sync.
+        self.stale = set()
 
     # ---- lifecycle ------------------------------------------------------------------------
     @classmethod
@@ -146,7 +148,9 @@ class SGLangEngine:
         for server in self.servers:
             server.stop()
 
-    def restart(self, index: int, reason: str) -> None:
+    def restart(self, index: int, reason: str, resync: bool = True) -> None:
+        """Stop and start engine `index`; then on_restart re-sends the current weights, or with
+        resync=False the engine is left out of generation until the next update_weights."""
         self.restarts += 1
         server = self.servers[index]
         if self.restarts > self.cfg.max_restarts:
@@ -163,8 +167,12 @@ class SGLangEngine:
         server.start()
         server.wait_until_ready()
         server.weight_version = server.initial_version  # its model_path's weights, until re-synced
-        if self.on_restart is not None:
+        if server.initial_version == self.weight_version:
+            return  # no sync since it started: its own files are the current weights
+        if resync and self.on_restart is not None:
             self.on_restart(index)
+        else:
+            self.stale.add(index)
 
     # ---- HTTP -----------------------------------------------------------------------------
     def _post(self, index: int, route: str, payload: Optional[dict] = None,
@@ -188,7 +196,8 @@ class SGLangEngine:
     # ---- generation -----------------------------------------------------------------------
     def _pick(self) -> int:
         with self._lock:
-            index = min(range(len(self.servers)), key=lambda i: self._load[i])
+            index = min((i for i in range(len(self.servers)) if i not in self.stale),
+                        key=lambda i: self._load[i])
             self._load[index] += 1
             return index
 
@@ -217,9 +226,12 @@ class SGLangEngine:
                              prompt_index=prompt_index), None
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 seed: Optional[int] = None) -> List[Sample]:
+                 seed: Optional[int] = None, resync: bool = True) -> List[Optional[Sample]]:
         """n samples per prompt, contiguous per prompt. `seed` is accepted for the built-in
-        engine's interface; SGLang samples with its own per-server seed."""
+        engine's interface; SGLang samples with its own per-server seed.
+        resync=False (generation in the background, while the trainer cannot take part in
+        gathering weights): a restarted engine is not re-synced but left out, and when no
+        engine is left the unfinished samples come back as None."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(params.n)]
@@ -241,10 +253,12 @@ class SGLangEngine:
                 for index, error in sorted(failed.items()):
                     if not self.servers[index].alive() or "Timeout" in error or \
                             "ConnectionError" in error:
-                        self.restart(index, error)
+                        self.restart(index, error, resync)
                     else:  # the server answered with an error: not a fault a restart mends
                         raise EngineError(f"SGLang engine {index} refused a request: {error}")
                 pending.sort()
+                if len(self.stale) == len(self.servers):
+                    break
         return results
 
     def prompt_logprobs(self, prompts: Sequence[Sequence[int]],
@@ -333,6 +347,7 @@ class SGLangEngine:
                                                          "abort_all_requests": False})
             self._post(index, "/flush_cache")
             self.servers[index].weight_version = version
+            self.stale.discard(index)
 
         on_each(finish)
         self.weight_version = version

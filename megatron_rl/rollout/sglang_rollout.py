@@ -9,7 +9,9 @@ part in gathering the weights for an engine that was restarted), "done" (here ar
 or "error" (the engines failed for good: every rank raises EngineError, so the job can write a
 checkpoint collectively and stop).
 """
+import dataclasses
 import os
+import threading
 from typing import List, Optional, Sequence
 
 import torch.distributed as dist
@@ -29,6 +31,7 @@ class SGLangRollout:
         self.control = dist.new_group(backend="gloo")
         self.weights_dir = os.path.join(out_dir, "engine_weights")
         self.engine: Optional[SGLangEngine] = None
+        self._prefetched = None  # rank 0: the background generation prefetch() started
         # The engines start from the trainer's weights as they are now (initial checkpoint,
         # SFT warm start or resumed step), written once as an HF folder.
         init_dir = os.path.join(self.weights_dir, "initial")
@@ -83,29 +86,82 @@ class SGLangRollout:
                                    engines=[index],
                                    disk_dir=os.path.join(self.weights_dir, "sync"))
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 seed: Optional[int] = None) -> List[Sample]:
-        """This rank's prompts in, this rank's samples out (prompt_index local to `prompts`);
-        ranks of one model-parallel group pass the same prompts, and are asked once."""
+    def _gather_prompts(self, prompts):
+        """(this rank's DP rank, {DP rank: its prompts}); model-parallel peers pass the same."""
         from megatron.core import parallel_state as mpu
 
         mine = (mpu.get_data_parallel_rank(), [list(p) for p in prompts])
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine, group=self.control)
-        per_dp = dict(gathered)  # model-parallel peers sent the same prompts
+        return mine[0], dict(gathered)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seed: Optional[int] = None) -> List[Sample]:
+        """This rank's prompts in, this rank's samples out (prompt_index local to `prompts`).
+        Takes the prefetched samples when prefetch() was called with the same prompts."""
+        dp_rank, per_dp = self._gather_prompts(prompts)
 
         def generate_all():
             flat = [(dp, i, p) for dp in sorted(per_dp) for i, p in enumerate(per_dp[dp])]
+            box = self._prefetched
+            if box is not None and box["key"] == (per_dp, params):  # not, e.g., evaluation's
+                box, self._prefetched = self._join_prefetch(), None
+                samples = box["samples"]
+                # Left unfinished by an engine restarted in the background: sampled now.
+                missing = [j for j, sample in enumerate(samples) if sample is None]
+                if missing:
+                    redo = self.engine.generate([flat[j // params.n][2] for j in missing],
+                                                dataclasses.replace(params, n=1))
+                    for j, sample in zip(missing, redo):
+                        sample.prompt_index = j // params.n
+                        samples[j] = sample
+            else:
+                samples = self.engine.generate([p for _, _, p in flat], params) if flat else []
             result = {dp: [] for dp in per_dp}
-            if flat:
-                for s in self.engine.generate([p for _, _, p in flat], params):
-                    dp, local, _ = flat[s.prompt_index]
-                    s.prompt_index = local
-                    result[dp].append(s)
-            self.engine.release_memory()  # colocated: training gets the GPU memory back
+            for sample in samples:
+                dp, local, _ = flat[sample.prompt_index]
+                sample.prompt_index = local
+                result[dp].append(sample)
+            if not self.cfg.rollout.async_rollout:
+                self.engine.release_memory()  # colocated: training gets the GPU memory back
             return result
 
-        return self._lead(generate_all)[mine[0]]
+        return self._lead(generate_all)[dp_rank]
+
+    def prefetch(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+        """Asynchronous rollout: start generating the next step's samples now, in the
+        background on rank 0, with the weights the engines hold (one version behind the
+        trainer by the time they are used; algorithm.rollout_is_cap corrects for it). The
+        next update_weights() waits for them, generate() with the same prompts takes them."""
+        _, per_dp = self._gather_prompts(prompts)
+        if self.rank != 0:
+            return
+        flat = [p for dp in sorted(per_dp) for p in per_dp[dp]]
+        box = {"key": (per_dp, params)}
+
+        def run():
+            try:
+                # No re-sync from this thread: the other ranks are training, not serving
+                # commands; a restarted engine sits out until the next update_weights().
+                box["samples"] = self.engine.generate(flat, params, resync=False) if flat else []
+            except Exception as e:  # raised again, on every rank, where it is joined
+                box["error"] = e
+
+        box["thread"] = threading.Thread(target=run, name="prefetch-rollout", daemon=True)
+        box["thread"].start()
+        self._prefetched = box
+
+    def _join_prefetch(self):
+        box = self._prefetched
+        if box is None:
+            return None
+        box["thread"].join()
+        if "error" in box:
+            self._prefetched = None
+            error = box["error"]
+            raise error if isinstance(error, EngineError) else EngineError(
+                f"background rollout failed: {error!r}")
+        return box
 
     def update_weights(self) -> None:
         """After an optimizer step: the engines get the new weights, version + 1."""
@@ -113,6 +169,7 @@ class SGLangRollout:
         weights = hf_weights(self.model, self.cfg.model)
 
         def sync():
+            self._join_prefetch()  # the engines finish the next step's samples first
             self.engine.resume_memory()
             self.engine.update_weights(weights, version,
                                        disk_dir=os.path.join(self.weights_dir, "sync"))
@@ -122,4 +179,8 @@ class SGLangRollout:
 
     def shutdown(self) -> None:
         if self.engine is not None:
+            box = self._prefetched
+            if box is not None and box["thread"].is_alive():
+                self.engine.abort_all()
+                box["thread"].join(60)
             self.engine.shutdown()

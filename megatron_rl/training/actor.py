@@ -122,6 +122,7 @@ def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: Algorithm
         loss, step_stats = policy_loss(
             logprobs, batch["old_logprobs"], batch["advantages"], batch["loss_mask"], cfg,
             selected=batch.get("selected"), entropy=entropy,
+            rollout_logprobs=batch.get("rollout_logprobs"),
             num_global_tokens=max(num_tokens, 1.0), num_global_sequences=max(num_sequences, 1.0))
         stats.add(step_stats)
         return loss * scale, {}
@@ -132,6 +133,8 @@ def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: Algorithm
                    advantages=mb["advantages"], loss_mask=mb["loss_mask"])
         if sel is not None:
             inp["selected"] = sel
+        if cfg.rollout_is_cap is not None:
+            inp["rollout_logprobs"] = mb["rollout_logprobs"]
     model.zero_grad_buffer()
     optimizer.zero_grad()
     forward_backward([model], inputs, loss_fn)

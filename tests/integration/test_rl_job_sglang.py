@@ -43,12 +43,30 @@ def test_rl_job_with_sglang_engine(tmp_path, sync):
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:
         assert r["weight_version"] == r["step"]
+        assert r["rollout_weight_version"] == r["step"] - 1  # sampled by the current weights
         assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
         # The engine sampled from exactly the weights the trainer holds (float32 on both sides).
         assert r["rollout_train_logprob_diff"] < 1e-4, r
     assert "eval_accuracy" in steps[-1]
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if str(tmp_path) in " ".join(p.info["cmdline"] or [])]  # no orphaned server
+
+
+def test_async_rollout_is_one_version_behind_and_corrected(tmp_path):
+    run_torchrun("megatron_rl/train.py", 2, job_args(
+        tmp_path / "run", tmp_path / "cache", sglang_python(),
+        ["training.steps=4", "rollout.async_rollout=true", "algorithm.rollout_is_cap=2.0"]))
+    steps = read_steps(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    # Step 1 samples synchronously; step t >= 2 trains on samples generated during step t-1
+    # by the weights before its update, version t-2.
+    assert [r["rollout_weight_version"] for r in steps] == [0, 0, 1, 2]
+    assert [r["weight_version"] for r in steps] == [1, 2, 3, 4]
+    assert steps[0]["rollout_train_logprob_diff"] < 1e-4
+    # one version behind: the trainer's log-probs differ from the engine's, and TIS weighs them
+    assert all(r["rollout_train_logprob_diff"] > 1e-4 for r in steps[1:])
+    assert all(0 < r["rollout_is_weight"] <= 2.0 for r in steps if "rollout_is_weight" in r)
+    assert any("rollout_is_weight" in r for r in steps)
 
 
 def test_engine_that_keeps_dying_stops_the_job_with_a_checkpoint(tmp_path):

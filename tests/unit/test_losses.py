@@ -53,6 +53,24 @@ def test_clip_higher_widens_only_the_upper_bound():
     assert stats["pg_clipfrac_high"].item() == 0 and stats["pg_clipfrac_low"].item() == 1
 
 
+def test_truncated_importance_sampling_weights_each_token():
+    # pi_old / pi_rollout per token: 2.0, 0.5, 4.0 (capped at 3), masked 7.0
+    logprobs, old, advantages, mask = tokens()
+    rollout = -torch.log(torch.tensor([[2.0, 0.5, 4.0, 7.0]], **F64))
+    loss, stats = policy_loss(logprobs, old, advantages, mask,
+                              AlgorithmConfig(loss_mode="vanilla", rollout_is_cap=3.0),
+                              rollout_logprobs=rollout)
+    loss.backward()
+    weights = torch.tensor([2.0, 0.5, 3.0, 0.0], **F64)
+    assert loss.item() == pytest.approx((-1.5 * 2 + 0.5 * 0.5 - 2.2 * 3) / 3, abs=1e-12)
+    # the weight is a constant: the gradient is the weighted surrogate's
+    torch.testing.assert_close(logprobs.grad[0],
+                               torch.tensor([-1.5, 0.5, -2.2, 0.0], **F64) * weights / 3)
+    assert stats["rollout_is_weight"].item() == pytest.approx(5.5, abs=1e-12)
+    with pytest.raises(ValueError, match="rollout_logprobs"):
+        policy_loss(logprobs, old, advantages, mask, AlgorithmConfig(rollout_is_cap=3.0))
+
+
 def test_dual_clip_caps_negative_advantage_loss():
     logprobs = torch.log(torch.tensor([[4.0, 4.0]], **F64)).requires_grad_()
     advantages = torch.tensor([[-1.0, 1.0]], **F64)
