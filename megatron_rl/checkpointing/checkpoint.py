@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from megatron_rl.checkpointing.model import verify_checkpoint_metadata
 from megatron_rl.models.gpt import unwrap_model
 
 LATEST = "latest"
@@ -91,6 +92,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     """Collective. Loads into the current layout (any TP/PP layout it was saved with)."""
     from megatron.core import dist_checkpointing
 
+    verify_checkpoint_metadata(path)
     with open(os.path.join(path, STATE_FILE)) as f:
         train_state = json.load(f)
     with_optimizer = train_state.pop("optimizer_state", True)

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import yaml
 
+from megatron_rl.checkpointing.model import verify_checkpoint_metadata
 from megatron_rl.models.config import ModelConfig
 from megatron_rl.models.hf_mapping import (
     ConversionError, expected_hf_shapes, hf_config_from_model_config, megatron_tensor_from_hf,
@@ -397,6 +398,7 @@ class MegatronCheckpointReader:
             raise ConversionError(f"{checkpoint_dir}: not a megatron torch_dist checkpoint "
                                   f"(no .metadata file)")
         self.checkpoint_dir = checkpoint_dir
+        verify_checkpoint_metadata(checkpoint_dir)
         self._reader = FileSystemReader(checkpoint_dir)
         stored = self._reader.read_metadata().state_dict_metadata
         self.stored = {k: v for k, v in stored.items() if isinstance(v, TensorStorageMetadata)

@@ -17,6 +17,39 @@ def save_model(model, directory: str) -> None:
     dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), directory)
 
 
+# What torch.distributed.checkpoint's .metadata pickle may name: its own metadata classes and
+# plain torch/Python values. The file is a plain pickle that torch loads with pickle.load.
+_METADATA_MODULES = ("torch.distributed.checkpoint.",)
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                     ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                     ("builtins", "slice"), ("builtins", "complex"), ("builtins", "bytearray")}
+
+
+def verify_checkpoint_metadata(directory: str) -> None:
+    """Refuse a checkpoint whose .metadata would run code when unpickled: torch reads that file
+    with pickle.load, so a tampered checkpoint could execute anything (the tensors and megatron's
+    common state are read weights-only). Reads it once with a restricted unpickler first."""
+    import pickle
+
+    import torch
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            allowed = (module.startswith(_METADATA_MODULES) or (module, name) in _METADATA_GLOBALS
+                       or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                            torch.dtype)))
+            if not allowed:
+                raise pickle.UnpicklingError(
+                    f"{path}: refers to {module}.{name}, which a checkpoint's metadata never "
+                    f"needs; not loading it (a tampered checkpoint would run code here)")
+            return super().find_class(module, name)
+
+    path = os.path.join(directory, ".metadata")
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            Restricted(f).load()
+
+
 def load_model(model, directory: str, strict: bool = True) -> None:
     """Collective: load the weights of a checkpoint saved with any layout (a model checkpoint of
     save_model / the converter, or a training checkpoint) into this rank's shard of `model`."""
@@ -24,6 +57,7 @@ def load_model(model, directory: str, strict: bool = True) -> None:
 
     if not dist_checkpointing.check_is_distributed_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not a megatron distributed checkpoint")
+    verify_checkpoint_metadata(directory)
     inner = unwrap_model(model)
     if os.path.exists(os.path.join(directory, "train_state.json")):
         # A training checkpoint (checkpointing.checkpoint) nests the model under "model" next

@@ -4,6 +4,7 @@ mid-checkpoint leaves the previous one loadable; a killed rank fails the launch 
 resumes."""
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 
 from megatron_rl.algorithms import AlgorithmConfig
 from megatron_rl.checkpointing.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_rl.checkpointing.model import load_model
 from megatron_rl.config import load_config
 from megatron_rl.models.gpt import build_gpt_model
 from megatron_rl.parallel import state
@@ -120,6 +122,39 @@ def test_crash_mid_checkpoint_leaves_previous_loadable(tmp_path, tiny_model):
     assert all(torch.equal(a, b) for a, b in zip(saved, model.parameters()))
     save_checkpoint(str(root), 2, model, optimizer, scheduler, {})
     assert sorted(os.listdir(root)) == ["latest", "step_00000001", "step_00000002"]
+
+
+class _Payload:
+    """Unpickling this runs a command: what a tampered checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_loading_runs_no_pickled_code(tmp_path, tiny_model):
+    """torch.distributed.checkpoint reads a checkpoint's .metadata with pickle.load; a payload
+    planted there is refused before that, naming the file, and never runs."""
+    cfg, model, optimizer = tiny_model
+    scheduler = build_lr_scheduler(optimizer, cfg.training)
+    root = tmp_path / "ckpt"
+    save_checkpoint(str(root), 1, model, optimizer, scheduler, {})
+    path = latest_checkpoint(str(root))
+    marker = tmp_path / "pwned"
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        metadata = f.read()
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump(_Payload(str(marker)), f)
+    for load in (lambda: load_checkpoint(path, model, optimizer, scheduler),
+                 lambda: load_model(model, path)):
+        with pytest.raises(pickle.UnpicklingError, match=r"\.metadata: refers to posix\.system"):
+            load()
+    assert not marker.exists()
+    with open(os.path.join(path, ".metadata"), "wb") as f:  # the genuine one still loads
+        f.write(metadata)
+    load_checkpoint(path, model, optimizer, scheduler)
 
 
 @pytest.mark.distributed
