@@ -14,8 +14,9 @@ class SGLangConfig:
     # disaggregated: engines own the last engines_per_node x tp_size GPUs of each node.
     placement: Literal["colocated", "disaggregated"] = "disaggregated"
     # Servers listen here. Loopback by default: an SGLang server accepts weight updates and
-    # arbitrary generation from anyone who can reach it. Set the cluster interface's address
-    # for engines that other nodes' trainers must reach; "0.0.0.0" is refused.
+    # arbitrary generation from anyone who can reach it. With engines on several nodes, name
+    # the cluster network interface (e.g. "ib0", resolved on each node to its own address) or
+    # give an address; "0.0.0.0" is refused.
     host: str = "127.0.0.1"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: str = "auto"  # the server's --dtype; CPU tests use float32

@@ -94,10 +94,43 @@ def _share_for_http(named: List[Tuple[str, torch.Tensor]]) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def start_servers(model_path: str, cfg: SGLangConfig, log_dir: str, num_engines: int,
+                  device: str = "cpu", first_gpu: int = 0, weight_version: int = 0,
+                  seed: int = 0, log_prefix: str = "") -> List[SGLangServer]:
+    """Start num_engines servers on this host (ports chosen free and distinct, GPUs from
+    first_gpu on, tp_size each), wait until every one generates; stop them all if one fails."""
+    from megatron_rl.parallel.state import free_port
+
+    ports = set()
+    while len(ports) < 2 * num_engines:
+        ports.add(free_port())
+    ports = sorted(ports)
+    servers = [SGLangServer(model_path, cfg, ports[2 * i],
+                            os.path.join(log_dir, f"{log_prefix}sglang_{i}.log"),
+                            dist_port=ports[2 * i + 1], device=device,
+                            gpu_id=first_gpu + i * cfg.tp_size,
+                            weight_version=weight_version, seed=seed + i)
+               for i in range(num_engines)]
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_until_ready()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
+
+
 class SGLangEngine:
     def __init__(self, servers: List[SGLangServer], cfg: SGLangConfig,
-                 on_restart: Optional[Callable[[int], None]] = None):
+                 on_restart: Optional[Callable[[int], None]] = None,
+                 restart_server: Optional[Callable[[int], None]] = None):
         self.servers, self.cfg = servers, cfg
+        # Stops and starts server i where its process lives (the job: on its node's first rank);
+        # None: here, where every server must then be local.
+        self.restart_server = restart_server
         # Called with an engine's index after it was restarted, before requests go to it again:
         # the job re-sends the current weights (a fresh server has the initial ones).
         self.on_restart = on_restart
@@ -116,30 +149,9 @@ class SGLangEngine:
     def launch(cls, model_path: str, cfg: SGLangConfig, log_dir: str, num_engines: int,
                device: str = "cpu", first_gpu: int = 0, weight_version: int = 0, seed: int = 0,
                on_restart: Optional[Callable[[int], None]] = None) -> "SGLangEngine":
-        """Start num_engines servers on this node (ports chosen free and distinct), wait until
-        every one generates; stops them all if one fails."""
-        from megatron_rl.parallel.state import free_port
-
-        ports = set()
-        while len(ports) < 2 * num_engines:
-            ports.add(free_port())
-        ports = sorted(ports)
-        servers = [SGLangServer(model_path, cfg, ports[2 * i],
-                                os.path.join(log_dir, f"sglang_{i}.log"),
-                                dist_port=ports[2 * i + 1], device=device,
-                                gpu_id=first_gpu + i * cfg.tp_size,
-                                weight_version=weight_version, seed=seed + i)
-                   for i in range(num_engines)]
-        try:
-            for server in servers:
-                server.start()
-            for server in servers:
-                server.wait_until_ready()
-        except BaseException:
-            for server in servers:
-                server.stop()
-            raise
-        return cls(servers, cfg, on_restart)
+        """Start num_engines servers on this host and a client over them."""
+        return cls(start_servers(model_path, cfg, log_dir, num_engines, device, first_gpu,
+                                 weight_version, seed), cfg, on_restart)
 
     def shutdown(self) -> None:
         for group, _, _ in self._groups.values():
@@ -148,9 +160,9 @@ class SGLangEngine:
         for server in self.servers:
             server.stop()
 
-    def restart(self, index: int, reason: str, resync: bool = True) -> None:
-        """Stop and start engine `index`; then on_restart re-sends the current weights, or with
-        resync=False the engine is left out of generation until the next update_weights."""
+    def restart(self, index: int, reason: str) -> None:
+        """Stop and start engine `index`; then on_restart re-sends the current weights (without
+        one, an engine that missed syncs is left out of generation until update_weights)."""
         self.restarts += 1
         server = self.servers[index]
         if self.restarts > self.cfg.max_restarts:
@@ -163,13 +175,16 @@ class SGLangEngine:
         entry = self._groups.pop(index, None)
         if entry is not None:
             dist.destroy_process_group(entry[0])
-        server.stop()
-        server.start()
-        server.wait_until_ready()
+        if self.restart_server is not None:
+            self.restart_server(index)
+        else:
+            server.stop()
+            server.start()
+            server.wait_until_ready()
         server.weight_version = server.initial_version  # its model_path's weights, until re-synced
         if server.initial_version == self.weight_version:
             return  # no sync since it started: its own files are the current weights
-        if resync and self.on_restart is not None:
+        if self.on_restart is not None:
             self.on_restart(index)
         else:
             self.stale.add(index)
@@ -229,9 +244,10 @@ class SGLangEngine:
                  seed: Optional[int] = None, resync: bool = True) -> List[Optional[Sample]]:
         """n samples per prompt, contiguous per prompt. `seed` is accepted for the built-in
         engine's interface; SGLang samples with its own per-server seed.
-        resync=False (generation in the background, while the trainer cannot take part in
-        gathering weights): a restarted engine is not re-synced but left out, and when no
-        engine is left the unfinished samples come back as None."""
+        resync=False (generation in the background, while the other ranks cannot take part in
+        restarting or re-syncing): a failed engine is only left out, for the next
+        update_weights to restart and sync; when no engine is left, the unfinished samples
+        come back as None."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(params.n)]
@@ -239,7 +255,7 @@ class SGLangEngine:
         pending = list(range(len(jobs)))
         workers = min(len(jobs), 32 * len(self.servers))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            while pending:
+            while pending and len(self.stale) < len(self.servers):
                 futures = {pool.submit(self._generate_one, jobs[j][1], params, jobs[j][0]): j
                            for j in pending}
                 pending, failed = [], {}
@@ -253,12 +269,13 @@ class SGLangEngine:
                 for index, error in sorted(failed.items()):
                     if not self.servers[index].alive() or "Timeout" in error or \
                             "ConnectionError" in error:
-                        self.restart(index, error, resync)
+                        if resync:
+                            self.restart(index, error)
+                        else:
+                            self.stale.add(index)
                     else:  # the server answered with an error: not a fault a restart mends
                         raise EngineError(f"SGLang engine {index} refused a request: {error}")
                 pending.sort()
-                if len(self.stale) == len(self.servers):
-                    break
         return results
 
     def prompt_logprobs(self, prompts: Sequence[Sequence[int]],

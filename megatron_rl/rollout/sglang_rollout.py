@@ -1,13 +1,16 @@
-"""The training job's SGLang rollout: global rank 0 owns the engines and talks to them; every
-rank calls generate() and update_weights() together, like the built-in engine's, so the loop
-does not care which engine it has.
+"""The training job's SGLang rollout: the first rank of every node starts that node's engines,
+global rank 0 is the one client of all of them; every rank calls generate() and
+update_weights() together, like the built-in engine's, so the loop does not care which engine
+it has.
 
 Why one controller: a restarted engine needs the current weights, and gathering them is
 collective over TP and PP. So while rank 0 generates, the other ranks wait on a gloo control
-group (no NCCL timeout while rollouts run for minutes) for one of three commands: "sync" (take
-part in gathering the weights for an engine that was restarted), "done" (here are the samples)
-or "error" (the engines failed for good: every rank raises EngineError, so the job can write a
-checkpoint collectively and stop).
+group (no NCCL timeout while rollouts run for minutes) for a command: "sync" (take part in
+gathering the weights for an engine that was restarted), "restart" (the node that owns a dead
+engine restarts it), "done" (here are the samples) or "error" (the engines failed for good:
+every rank raises EngineError, so the job can write a checkpoint collectively and stop).
+Engines on other nodes must be reachable from rank 0 (rollout.sglang.host) and must see the
+output folder (a shared file system, as checkpoints need anyway).
 """
 import dataclasses
 import os
@@ -16,8 +19,8 @@ from typing import List, Optional, Sequence
 
 import torch.distributed as dist
 
-from megatron_rl.rollout.sglang_engine import SGLangEngine
-from megatron_rl.rollout.sglang_server import EngineError
+from megatron_rl.rollout.sglang_engine import SGLangEngine, start_servers
+from megatron_rl.rollout.sglang_server import EngineError, SGLangServer
 from megatron_rl.rollout.types import Sample, SamplingParams
 from megatron_rl.rollout.weight_sync import hf_weights, write_hf_folder
 
@@ -36,15 +39,37 @@ class SGLangRollout:
         # SFT warm start or resumed step), written once as an HF folder.
         init_dir = os.path.join(self.weights_dir, "initial")
         weights = hf_weights(model, cfg.model)
-
-        def launch():
-            write_hf_folder(weights, init_dir, cfg=cfg.model)
-            self.engine = SGLangEngine.launch(
-                init_dir, self.scfg, os.path.join(out_dir, "engines"), self.scfg.engines_per_node,
-                device=device, weight_version=weight_version, seed=cfg.rollout.seed,
-                on_restart=self._resync)
-
-        self._lead(launch, weights)
+        self._lead(lambda: write_hf_folder(weights, init_dir, cfg=cfg.model), weights)
+        # Engines of this node, started by its first rank. Disaggregated: on the GPUs after the
+        # training processes'; colocated: on the same ones.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        node = int(os.environ.get("GROUP_RANK", self.rank // local_world))
+        self.local_servers, error = {}, None
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            try:
+                servers = start_servers(
+                    init_dir, self.scfg, os.path.join(out_dir, "engines"),
+                    self.scfg.engines_per_node, device,
+                    first_gpu=local_world if self.scfg.placement == "disaggregated" else 0,
+                    weight_version=weight_version, seed=cfg.rollout.seed + 1000 * node,
+                    log_prefix=f"node{node}_")
+                self.local_servers = {i: server for i, server in enumerate(servers)}
+            except EngineError as e:
+                error = f"node {node}: {e}"
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (self.rank, error, [
+            s.describe() for s in self.local_servers.values()]), group=self.control)
+        errors = [e for _, e, _ in gathered if e]
+        if errors:
+            self.shutdown()
+            raise EngineError("\n".join(errors))
+        # Engine i of the job: (owning rank, its index there), in rank order on every rank.
+        self.owners = [(rank, i) for rank, _, descs in gathered for i in range(len(descs))]
+        if self.rank == 0:
+            self.engine = SGLangEngine(
+                [self.local_servers[i] if rank == 0 else SGLangServer.reach(desc, self.scfg)
+                 for rank, _, descs in gathered for i, desc in enumerate(descs)],
+                self.scfg, on_restart=self._resync, restart_server=self._restart_server)
 
     def _lead(self, action, weights=None):
         """Rank 0 runs action() and sends the others its result, or its EngineError (raised on
@@ -74,10 +99,33 @@ class SGLangRollout:
             if kind == "sync":
                 for _ in hf_weights(self.model, self.cfg.model):
                     pass
+            elif kind == "restart":
+                self._restart_local(payload)
             elif kind == "error":
                 raise EngineError(payload)
             else:
                 return payload
+
+    def _restart_server(self, index: int) -> None:
+        """Rank 0: have engine `index` restarted by the rank that started it."""
+        self._broadcast(("restart", index))
+        self._restart_local(index)
+
+    def _restart_local(self, index: int) -> None:
+        """Every rank: the owner stops and starts its server, then tells everyone how it went."""
+        owner, local = self.owners[index]
+        status = [None]
+        if self.rank == owner:
+            server = self.local_servers[local]
+            try:
+                server.stop()
+                server.start()
+                server.wait_until_ready()
+            except EngineError as e:
+                status = [str(e)]
+        dist.broadcast_object_list(status, src=owner, group=self.control)
+        if status[0] is not None and self.rank == 0:
+            raise EngineError(status[0])
 
     def _resync(self, index: int) -> None:
         """Rank 0, from inside generate(): a restarted engine gets the current weights."""
@@ -178,9 +226,13 @@ class SGLangRollout:
         self.weight_version = version
 
     def shutdown(self) -> None:
+        """Every rank: rank 0 stops generating and drops its weight-sync groups; each node's
+        first rank stops the servers it started."""
         if self.engine is not None:
             box = self._prefetched
             if box is not None and box["thread"].is_alive():
                 self.engine.abort_all()
                 box["thread"].join(60)
             self.engine.shutdown()
+        for server in self.local_servers.values():
+            server.stop()

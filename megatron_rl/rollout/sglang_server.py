@@ -38,6 +38,22 @@ def log_tail(path: str, lines: int = 30) -> str:
         return "(no log)"
 
 
+def bind_address(host: str) -> str:
+    """rollout.sglang.host as this node's address: an IP or hostname as given, or a network
+    interface's name (eth0, ib0: the same setting on every node, like NCCL_SOCKET_IFNAME)
+    resolved to that interface's IPv4 address here."""
+    import psutil
+    import socket
+
+    addresses = psutil.net_if_addrs().get(host)
+    if addresses is None:
+        return host
+    for address in addresses:
+        if address.family == socket.AF_INET:
+            return address.address
+    raise EngineError(f"rollout.sglang.host={host!r}: interface {host} has no IPv4 address")
+
+
 class SGLangServer:
     def __init__(self, model_path: str, cfg: SGLangConfig, port: int, log_path: str,
                  dist_port: int, gpu_id: Optional[int] = None, device: str = "cpu",
@@ -49,14 +65,30 @@ class SGLangServer:
         self.initial_version = self.weight_version = weight_version
         self.seed = seed
         self.process: Optional[subprocess.Popen] = None
-        self.url = f"http://{cfg.host}:{port}"
+        self.host = bind_address(cfg.host)
+        self.url = f"http://{self.host}:{port}"
+        # A server another node's rank started: this process only talks to it over HTTP.
+        self.remote = False
+
+    def describe(self) -> dict:
+        """What another rank needs to reach this server (SGLangServer.reach)."""
+        return dict(model_path=self.model_path, port=self.port, log_path=self.log_path,
+                    dist_port=self.dist_port, device=self.device,
+                    weight_version=self.initial_version, url=self.url)
+
+    @classmethod
+    def reach(cls, description: dict, cfg: SGLangConfig) -> "SGLangServer":
+        url = description.pop("url")
+        server = cls(cfg=cfg, **description)
+        server.url, server.remote = url, True
+        return server
 
     def command(self) -> List[str]:
         import sys
 
         cfg = self.cfg
         cmd = [cfg.python or sys.executable, "-m", "sglang.launch_server",
-               "--model-path", self.model_path, "--host", cfg.host, "--port", str(self.port),
+               "--model-path", self.model_path, "--host", self.host, "--port", str(self.port),
                "--tp-size", str(cfg.tp_size), "--dtype", cfg.dtype,
                "--random-seed", str(self.seed), "--weight-version", str(self.initial_version),
                # SGLang's own torch.distributed port; chosen by the job so engines on one node
@@ -95,6 +127,11 @@ class SGLangServer:
         atexit.register(self.stop)
 
     def alive(self) -> bool:
+        if self.remote:
+            try:
+                return requests.get(self.url + "/health", timeout=10).status_code == 200
+            except requests.RequestException:
+                return False
         return self.process is not None and self.process.poll() is None
 
     def wait_until_ready(self, timeout_s: Optional[float] = None) -> None:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from megatron_rl.parallel.state import free_port
-from tests.torchrun import ROOT, run_torchrun
+from tests.torchrun import ROOT, run_torchrun, sglang_python
 
 pytestmark = pytest.mark.distributed
 
@@ -48,3 +48,20 @@ def test_two_nodes_match_one_node(tmp_path, layout):
                  job(tmp_path / "one", tmp_path / "cache", layout)[1:])
     two, one = rewards(tmp_path / "two" / "metrics.jsonl"), rewards(tmp_path / "one" / "metrics.jsonl")
     assert len(two) == 2 and two == one
+
+
+def test_two_nodes_with_an_sglang_engine_on_each(tmp_path):
+    """DP=2 across the two "nodes"; each node's first rank starts its engine, rank 0 spreads
+    requests over both and syncs weights into both (gloo groups across the node boundary)."""
+    python = sglang_python()
+    run = tmp_path / "two"
+    launch_two_nodes(job(run, tmp_path / "cache", [
+        "rollout.engine=sglang", f"rollout.sglang.python={python}", "rollout.sglang.dtype=float32",
+        "rollout.sglang.max_total_tokens=4096", "rollout.sglang.startup_timeout_s=300"]))
+    steps = [json.loads(line) for line in open(run / "metrics.jsonl") if "reward_mean" in line]
+    assert [r["step"] for r in steps] == [1, 2]
+    # both engines served the trained weights: the trainer's log-probs equal the engines'
+    assert all(r["rollout_train_logprob_diff"] < 1e-4 for r in steps)
+    for node in (0, 1):
+        log = open(run / "engines" / f"node{node}_sglang_0.log").read()
+        assert "POST /generate" in log and "POST /update_weights_from_distributed" in log, node

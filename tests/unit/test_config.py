@@ -107,3 +107,14 @@ def test_algorithm_section_accepts_verl_names():
     assert (cfg.algorithm.k, cfg.algorithm.beta, cfg.algorithm.omega_low) == (2e-4, 0.5, 0.5)
     with pytest.raises(ConfigError, match=r"algorithm: r \(clip_cov_ratio\) must be in \(0, 1\)"):
         load_config(None, ["algorithm.clip_cov_ratio=2"])
+
+
+def test_sglang_host_names_an_interface_or_an_address():
+    import psutil
+
+    from megatron_rl.rollout.sglang_server import bind_address
+
+    loopback = next(name for name, addrs in psutil.net_if_addrs().items()
+                    if any(a.address == "127.0.0.1" for a in addrs))
+    assert bind_address(loopback) == "127.0.0.1"  # an interface resolves to its IPv4 address
+    assert bind_address("10.1.2.3") == "10.1.2.3"
