@@ -186,3 +186,31 @@ def test_too_many_failures_stop_with_a_clear_error(served):
     _kill(engine.servers[0])
     with pytest.raises(EngineError, match="max_restarts"):
         engine.generate(PROMPTS, SamplingParams(max_new_tokens=4))
+
+
+def test_qwen3_serves_and_syncs_through_the_same_mapping(tmp_path):
+    """Qwen3 (per-head q/k RMSNorm, head_dim 32 != hidden / heads): SGLang's own Qwen3 loads
+    the converter's HF names, at start and through a distributed sync."""
+    python = sglang_python()
+    cfg = load_config(None, [f"model.vocab_size={VOCAB}", "model.make_vocab_size_divisible_by=8",
+                             "model.arch=qwen3", "model.kv_channels=32",
+                             "model.tie_word_embeddings=false"], world_size=1)
+    state.initialize(cfg.parallel)
+    torch.manual_seed(1)
+    model = build_gpt_model(cfg.model, cfg.parallel)
+    write_hf_folder(hf_weights(model, cfg.model), str(tmp_path / "hf"), cfg=cfg.model)
+    engine = SGLangEngine.launch(str(tmp_path / "hf"), SGLangConfig(
+        python=python, dtype="float32", max_total_tokens=4096, startup_timeout_s=300),
+        str(tmp_path / "logs"), num_engines=1)
+    try:
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+        ours = BuiltinEngine(model, vocab_size=VOCAB).generate(PROMPTS, greedy)
+        assert [s.output_ids for s in engine.generate(PROMPTS, greedy)] == \
+            [s.output_ids for s in ours]
+        perturb(model, seed=3)
+        engine.update_weights(hf_weights(model, cfg.model), 1, method="distributed")
+        for ids, got in zip(PROMPTS[:3], engine.prompt_logprobs(PROMPTS[:3])):
+            torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                                       megatron_logprobs(model, ids), atol=2e-5, rtol=0)
+    finally:
+        engine.shutdown()
