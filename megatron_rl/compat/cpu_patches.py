@@ -256,6 +256,22 @@ def _tied_embedding_apply() -> None:
     cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
+# --- 7. activation recomputation saves the CUDA RNG state --------------------------------------
+RANDOM = "megatron.core.tensor_parallel.random"
+
+
+def _recompute_rng_needed() -> bool:
+    return "torch.cuda.random.get_rng_state" in megatron_source(RANDOM)
+
+
+def _recompute_rng_apply() -> None:
+    # CheckpointFunction (recompute_granularity=full) saves and restores the CPU RNG state and
+    # the CUDA one, which does not exist here; the CPU state (saved beside it) is all there is.
+    module = importlib.import_module(RANDOM)
+    module._get_cuda_rng_state = lambda *args, **kwargs: None
+    module._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
 CPU_PATCHES: List[CpuPatch] = [
     CpuPatch("paged_stash_without_triton",
              "transformer/moe/ops/paged_stash.py does `import triton` at module level and is "
@@ -278,6 +294,10 @@ CPU_PATCHES: List[CpuPatch] = [
              "LanguageModule.setup_embeddings_and_output_layer moves the tied embedding to CUDA "
              "before all-reducing it between the first and last pipeline stages",
              _tied_embedding_needed, _tied_embedding_apply),
+    CpuPatch("recompute_without_cuda_rng",
+             "activation recomputation (CheckpointFunction) saves and restores the CUDA RNG "
+             "state with torch.cuda.random.get_rng_state",
+             _recompute_rng_needed, _recompute_rng_apply),
 ]
 
 _applied: List[str] = []

@@ -113,6 +113,12 @@ def build_gpt_model(cfg: ModelConfig, parallel: ParallelConfig, pre_process=None
     from megatron.core import parallel_state as mpu
     from megatron.core.models.gpt import GPTModel
 
+    if parallel.sequence_parallel and not use_transformer_engine(cfg):
+        # megatron's local spec builds torch norms, which assert against it: their weight
+        # gradients would need a TP all-reduce that only TE's (and apex's) norms do.
+        raise ValueError("parallel.sequence_parallel=true needs TransformerEngine layers (a GPU "
+                         "host with transformer-engine); megatron's local spec, used here, does "
+                         "not support it")
     if pre_process is None:
         pre_process = mpu.is_pipeline_first_stage()
     if post_process is None:

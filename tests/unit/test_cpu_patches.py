@@ -93,3 +93,27 @@ def test_tied_embedding_sync_wrapper(patched):
     assert hasattr(LanguageModule.setup_embeddings_and_output_layer, "__wrapped__")
     with pytest.raises((AssertionError, RuntimeError)):
         torch.zeros(1).cuda()
+
+
+def test_recompute_keeps_the_cpu_rng_and_matches_no_recompute(patched):
+    """Full activation recomputation runs on CPU and, with dropout, recomputes the same mask
+    (CheckpointFunction restores the CPU RNG state it saved): gradients equal the plain run's."""
+    from megatron_rl.config import load_config
+    from megatron_rl.models.gpt import build_gpt_model
+    from megatron_rl.parallel import state
+
+    grads = {}
+    for recompute in ("null", "full"):
+        cfg = load_config(None, ["model.hidden_dropout=0.3", "model.attention_dropout=0.3",
+                                 f"model.recompute_granularity={recompute}"])
+        state.initialize(cfg.parallel)
+        torch.manual_seed(0)
+        model = build_gpt_model(cfg.model, cfg.parallel)
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 12),
+                               generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(5)
+        model(tokens, torch.arange(12)[None].expand(2, -1), None).float().square().mean().backward()
+        grads[recompute] = [p.grad.clone() for p in model.parameters()]
+        state.destroy()
+    for plain, recomputed in zip(grads["null"], grads["full"]):
+        torch.testing.assert_close(recomputed, plain)

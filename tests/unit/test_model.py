@@ -116,3 +116,15 @@ def test_local_spec_without_transformer_engine():
         assert not use_transformer_engine(cfg.model)
     cfg = load_config(None, ["model.transformer_impl=local"])
     assert not use_transformer_engine(cfg.model)
+
+
+def test_sequence_parallel_without_transformer_engine_is_refused_clearly():
+    from megatron_rl.compat import apply_cpu_patches
+
+    if use_transformer_engine(load_config(None, []).model):
+        pytest.skip("TransformerEngine layers support sequence parallelism")
+    apply_cpu_patches()
+    cfg = load_config(None, ["parallel.tensor_model_parallel_size=2",
+                             "parallel.sequence_parallel=true"], world_size=2)
+    with pytest.raises(ValueError, match="sequence_parallel=true needs TransformerEngine"):
+        build_gpt_model(cfg.model, cfg.parallel)

@@ -3,7 +3,9 @@ as one process, and distributed checkpoints reshard between layouts.
 
 Run under torchrun (gloo): `worker.py CKPT_DIR LAYOUT [LAYOUT ...]` (TIE_EMBEDDINGS=1 for
 tied input/output embeddings, which PP keeps in sync across the first and last stages), a layout being e.g.
-"tp2", "pp2", "dp2", "tp2dp2", "tp2pp2". The reference is computed first in the layout
+"tp2", "pp2", "dp2", "tp2dp2", "tp2pp2"; "sp" adds sequence parallelism, "rc" full activation
+recomputation ("tp2sprc"). LONG_SEQUENCE=N runs one batch of 2 sequences of N tokens with a
+2-layer, 2-head model instead of the default batch (the long-response setting). The reference is computed first in the layout
 "dp<world>" with every rank fed the whole batch: DDP then averages identical gradients, which is
 exactly the single-process result. Set BREAK_TP_MAPPING=1 to replace megatron's TP all-reduce with
 the identity: the checks must then fail (tests/distributed/test_megatron_layouts.py checks that).
@@ -37,6 +39,11 @@ OVERRIDES = [
     "training.adam_eps=1e-5",
 ]
 GLOBAL_BATCH, SEQ, MICRO_BATCHES = 8, 16, 4
+LONG = int(os.environ.get("LONG_SEQUENCE", 0))
+if LONG:  # attention scores are [heads, s, s] per layer: keep heads and layers few
+    GLOBAL_BATCH, SEQ, MICRO_BATCHES = 2, LONG, 2
+    OVERRIDES += ["model.num_layers=2", "model.num_attention_heads=2", "model.num_query_groups=2",
+                  f"model.max_position_embeddings={LONG}"]
 
 
 def parse_layout(layout: str):
@@ -71,7 +78,9 @@ def setup(layout, world):
     sizes = parse_layout(layout)
     cfg = load_config(None, OVERRIDES + [f"model.tie_word_embeddings={str(TIED).lower()}",
         f"parallel.tensor_model_parallel_size={sizes['tp']}",
-        f"parallel.pipeline_model_parallel_size={sizes['pp']}"], world_size=world)
+        f"parallel.pipeline_model_parallel_size={sizes['pp']}",
+        f"parallel.sequence_parallel={str('sp' in layout).lower()}",
+        f"model.recompute_granularity={'full' if 'rc' in layout else 'null'}"], world_size=world)
     info = state.initialize(cfg.parallel)
     model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel))
     optimizer = build_optimizer([model], cfg.training)
