@@ -22,7 +22,9 @@ def save_model(model, directory: str) -> None:
 _METADATA_MODULES = ("torch.distributed.checkpoint.",)
 _METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
                      ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                     ("builtins", "slice"), ("builtins", "complex"), ("builtins", "bytearray")}
+                     ("builtins", "slice"), ("builtins", "complex"), ("builtins", "bytearray"),
+                     # torch's writer records the checkpoint's path in StorageMeta
+                     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
 
 
 def verify_checkpoint_metadata(directory: str) -> None:
