@@ -33,7 +33,7 @@ cp "$ROOT/megatron_rl/compat/sglang_cpu/torchvision_ops_schema.py" \
    "$SITE/megatron_rl_torchvision_ops_schema.py"
 echo "import megatron_rl_torchvision_ops_schema as _m; _m.install()" > "$SITE/megatron_rl_sglang_cpu.pth"
 
-SGLANG_USE_CPU_ENGINE=1 "$VENV/bin/python" - <<'PY'
+SGLANG_USE_CPU_ENGINE=1 "$VENV/bin/python" -W ignore - <<'PY'
 import sglang, torch
 import sglang.launch_server, sglang.srt.managers.scheduler, sglang.srt.models.qwen2  # noqa: F401
 print(f"sglang env ready: sglang {sglang.__version__}, torch {torch.__version__}")

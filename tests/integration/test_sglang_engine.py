@@ -28,21 +28,26 @@ VOCAB = 300
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17]]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(model config, megatron model, SGLangEngine serving the same weights)."""
+def serve(tmp, overrides, seed):
+    """(model config, a random megatron model, an SGLangEngine serving the same weights)."""
     python = sglang_python()
-    tmp = tmp_path_factory.mktemp("sglang")
     cfg = load_config(None, [f"model.vocab_size={VOCAB}", "model.make_vocab_size_divisible_by=8",
-                             "model.max_position_embeddings=1024"], world_size=1)
+                             *overrides], world_size=1)
     state.initialize(cfg.parallel)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_gpt_model(cfg.model, cfg.parallel)
     write_hf_folder(hf_weights(model, cfg.model), str(tmp / "hf"), cfg=cfg.model)
     engine = SGLangEngine.launch(str(tmp / "hf"), SGLangConfig(
         python=python, dtype="float32", max_total_tokens=8192, startup_timeout_s=300,
         request_timeout_s=120), str(tmp / "logs"), num_engines=1)
     engine.disk_dir = str(tmp / "sync")
+    return cfg, model, engine
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    cfg, model, engine = serve(tmp_path_factory.mktemp("sglang"),
+                               ["model.max_position_embeddings=1024"], seed=0)
     yield cfg, model, engine
     engine.shutdown()
     state.destroy()
@@ -191,17 +196,8 @@ def test_too_many_failures_stop_with_a_clear_error(served):
 def test_qwen3_serves_and_syncs_through_the_same_mapping(tmp_path):
     """Qwen3 (per-head q/k RMSNorm, head_dim 32 != hidden / heads): SGLang's own Qwen3 loads
     the converter's HF names, at start and through a distributed sync."""
-    python = sglang_python()
-    cfg = load_config(None, [f"model.vocab_size={VOCAB}", "model.make_vocab_size_divisible_by=8",
-                             "model.arch=qwen3", "model.kv_channels=32",
-                             "model.tie_word_embeddings=false"], world_size=1)
-    state.initialize(cfg.parallel)
-    torch.manual_seed(1)
-    model = build_gpt_model(cfg.model, cfg.parallel)
-    write_hf_folder(hf_weights(model, cfg.model), str(tmp_path / "hf"), cfg=cfg.model)
-    engine = SGLangEngine.launch(str(tmp_path / "hf"), SGLangConfig(
-        python=python, dtype="float32", max_total_tokens=4096, startup_timeout_s=300),
-        str(tmp_path / "logs"), num_engines=1)
+    cfg, model, engine = serve(tmp_path, ["model.arch=qwen3", "model.kv_channels=32",
+                                          "model.tie_word_embeddings=false"], seed=1)
     try:
         greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
         ours = BuiltinEngine(model, vocab_size=VOCAB).generate(PROMPTS, greedy)
