@@ -178,6 +178,16 @@ def main(argv=None):
                                 seed=step_seed(rc.seed, step, info.dp_rank, 7), dp_group=dp_group)
 
     per_rank = rc.prompts_per_step // info.dp_size
+
+    def rank_prompts(step: int):
+        """This DP rank's share of the step's (prompt ids, answer) pairs."""
+        prompts = task.prompts_for_step(step, rc.prompts_per_step)
+        return prompts[info.dp_rank * per_rank: (info.dp_rank + 1) * per_rank]
+
+    def save(step: int) -> None:
+        save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
+                        {"weight_version": engine.weight_version, "law_points": law_points},
+                        keep=t.keep_checkpoints)
     sampling = SamplingParams(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
                               max_new_tokens=rc.max_new_tokens, n=alg.n,
                               stop_token_ids=(task.eos_id,))
@@ -197,14 +207,11 @@ def main(argv=None):
         for step in range(start_step + 1, t.steps + 1):
             t0 = time.time()
             # 1. rollout: this DP rank's prompts, n samples each
-            prompts = task.prompts_for_step(step, rc.prompts_per_step)
-            mine = prompts[info.dp_rank * per_rank: (info.dp_rank + 1) * per_rank]
+            mine = rank_prompts(step)
             samples = engine.generate([p for p, _ in mine], sampling,
                                       seed=step_seed(rc.seed, step, info.dp_rank))
             if rc.async_rollout and step < t.steps:  # the next step's, while this one trains
-                upcoming = task.prompts_for_step(step + 1, rc.prompts_per_step)
-                engine.prefetch([p for p, _ in upcoming[info.dp_rank * per_rank:
-                                                        (info.dp_rank + 1) * per_rank]], sampling)
+                engine.prefetch([p for p, _ in rank_prompts(step + 1)], sampling)
             t_rollout = time.time() - t0
             # 2. reward, 3. advantages (groups of n are contiguous and stay on one rank)
             answers = [mine[s.prompt_index][1] for s in samples]
@@ -308,9 +315,7 @@ def main(argv=None):
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
             if ((t.checkpoint_interval and step % t.checkpoint_interval == 0) or step == t.steps
                     or stop.item()):
-                save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
-                                {"weight_version": engine.weight_version, "law_points": law_points},
-                                keep=t.keep_checkpoints)
+                save(step)
             if stop.item():
                 log(f"SIGTERM: checkpoint of step {step} written to {ckpt_root}; exiting "
                     f"(continue with --resume auto)")
@@ -324,9 +329,7 @@ def main(argv=None):
         # The engines failed for good (every rank raises together). Steps are atomic: this
         # one either finished training (completed == step) or left the weights untouched.
         if completed > start_step:
-            save_checkpoint(ckpt_root, completed, model, optimizer, scheduler,
-                            {"weight_version": engine.weight_version, "law_points": law_points},
-                            keep=t.keep_checkpoints)
+            save(completed)
         raise SystemExit(f"rollout engines failed: {e}\nnewest checkpoint: "
                          f"{latest_checkpoint(ckpt_root)} (continue with --resume auto)")
     finally:

@@ -178,9 +178,7 @@ class SGLangEngine:
         if self.restart_server is not None:
             self.restart_server(index)
         else:
-            server.stop()
-            server.start()
-            server.wait_until_ready()
+            server.restart()
         server.weight_version = server.initial_version  # its model_path's weights, until re-synced
         if server.initial_version == self.weight_version:
             return  # no sync since it started: its own files are the current weights
@@ -205,6 +203,12 @@ class SGLangEngine:
         except ValueError:  # some control routes answer plain text
             return {"message": response.text}
 
+    def _is_down(self, index: int, error: Exception) -> bool:
+        """A fault a restart mends: the server is gone or did not answer in time (as opposed to
+        an answer with an error status, which a restart would only repeat)."""
+        return not self.servers[index].alive() or isinstance(
+            error, (requests.ConnectionError, requests.Timeout))
+
     def _on_all(self, route: str, payload: Optional[dict] = None) -> List[dict]:
         return [self._post(i, route, payload) for i in range(len(self.servers))]
 
@@ -217,7 +221,7 @@ class SGLangEngine:
             return index
 
     def _generate_one(self, prompt: Sequence[int], params: SamplingParams,
-                      prompt_index: int) -> Tuple[int, Optional[Sample], Optional[str]]:
+                      prompt_index: int) -> Tuple[int, Optional[Sample], Optional[Exception]]:
         index = self._pick()
         sampling = {"temperature": params.temperature, "top_p": params.top_p,
                     "top_k": params.top_k, "max_new_tokens": params.max_new_tokens,
@@ -228,7 +232,7 @@ class SGLangEngine:
                                                   "sampling_params": sampling,
                                                   "return_logprob": True})
         except (requests.RequestException, EngineError) as e:
-            return index, None, f"{type(e).__name__}: {e}"
+            return index, None, e
         finally:
             with self._lock:
                 self._load[index] -= 1
@@ -267,14 +271,13 @@ class SGLangEngine:
                     else:
                         results[futures[future]] = sample
                 for index, error in sorted(failed.items()):
-                    if not self.servers[index].alive() or "Timeout" in error or \
-                            "ConnectionError" in error:
-                        if resync:
-                            self.restart(index, error)
-                        else:
-                            self.stale.add(index)
-                    else:  # the server answered with an error: not a fault a restart mends
-                        raise EngineError(f"SGLang engine {index} refused a request: {error}")
+                    reason = f"{type(error).__name__}: {error}"
+                    if not self._is_down(index, error):
+                        raise EngineError(f"SGLang engine {index} refused a request: {reason}")
+                    if resync:
+                        self.restart(index, reason)
+                    else:
+                        self.stale.add(index)
                 pending.sort()
         return results
 
@@ -305,14 +308,19 @@ class SGLangEngine:
     def abort_all(self) -> None:
         self._on_all("/abort_request", {"abort_all": True})
 
+    @property
+    def _shares_gpus(self) -> bool:
+        """Colocated on GPUs: the engines must give their memory to training and take it back.
+        CPU servers hold nothing to release (and SGLang's CPU path does not implement it)."""
+        return self.cfg.placement == "colocated" and self.servers[0].device != "cpu"
+
     def release_memory(self) -> None:
-        """Colocated engines give their GPU memory (weights, KV cache) to training. CPU servers
-        hold nothing to release (and SGLang's CPU path does not implement it)."""
-        if self.cfg.placement == "colocated" and self.servers[0].device != "cpu":
+        """Colocated engines give their GPU memory (weights, KV cache) to training."""
+        if self._shares_gpus:
             self._on_all("/release_memory_occupation")
 
     def resume_memory(self) -> None:
-        if self.cfg.placement == "colocated" and self.servers[0].device != "cpu":
+        if self._shares_gpus:
             self._on_all("/resume_memory_occupation")
 
     # ---- weight sync ----------------------------------------------------------------------
@@ -336,9 +344,7 @@ class SGLangEngine:
                 try:
                     action(index)
                 except (requests.RequestException, EngineError, RuntimeError) as e:
-                    dead = not self.servers[index].alive() or isinstance(
-                        e, (requests.ConnectionError, requests.Timeout))
-                    if not dead:  # it answered with an error: not a fault a restart mends
+                    if not self._is_down(index, e):
                         raise
                     failed[index] = f"{type(e).__name__} during weight sync: {e}"
 

@@ -116,11 +116,8 @@ class SGLangRollout:
         owner, local = self.owners[index]
         status = [None]
         if self.rank == owner:
-            server = self.local_servers[local]
             try:
-                server.stop()
-                server.start()
-                server.wait_until_ready()
+                self.local_servers[local].restart()
             except EngineError as e:
                 status = [str(e)]
         dist.broadcast_object_list(status, src=owner, group=self.control)
@@ -143,6 +140,11 @@ class SGLangRollout:
         dist.all_gather_object(gathered, mine, group=self.control)
         return mine[0], dict(gathered)
 
+    @staticmethod
+    def _flatten(per_dp):
+        """(DP rank, index there, prompt) in the one order rank 0 generates them."""
+        return [(dp, i, p) for dp in sorted(per_dp) for i, p in enumerate(per_dp[dp])]
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seed: Optional[int] = None) -> List[Sample]:
         """This rank's prompts in, this rank's samples out (prompt_index local to `prompts`).
@@ -150,7 +152,7 @@ class SGLangRollout:
         dp_rank, per_dp = self._gather_prompts(prompts)
 
         def generate_all():
-            flat = [(dp, i, p) for dp in sorted(per_dp) for i, p in enumerate(per_dp[dp])]
+            flat = self._flatten(per_dp)
             box = self._prefetched
             if box is not None and box["key"] == (per_dp, params):  # not, e.g., evaluation's
                 box, self._prefetched = self._join_prefetch(), None
@@ -184,7 +186,7 @@ class SGLangRollout:
         _, per_dp = self._gather_prompts(prompts)
         if self.rank != 0:
             return
-        flat = [p for dp in sorted(per_dp) for p in per_dp[dp]]
+        flat = [p for _, _, p in self._flatten(per_dp)]
         box = {"key": (per_dp, params)}
 
         def run():

@@ -78,6 +78,7 @@ class SGLangServer:
 
     @classmethod
     def reach(cls, description: dict, cfg: SGLangConfig) -> "SGLangServer":
+        description = dict(description)
         url = description.pop("url")
         server = cls(cfg=cfg, **description)
         server.url, server.remote = url, True
@@ -119,12 +120,18 @@ class SGLangServer:
         if self.device == "cpu":
             env["SGLANG_USE_CPU_ENGINE"] = "1"
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+        command = self.command()
         with open(self.log_path, "a") as log:
-            log.write(f"\n===== megatron-rl: starting {' '.join(self.command())}\n")
+            log.write(f"\n===== megatron-rl: starting {' '.join(command)}\n")
             log.flush()
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             env=env, start_new_session=True)
         atexit.register(self.stop)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+        self.wait_until_ready()
 
     def alive(self) -> bool:
         if self.remote:
