@@ -2,10 +2,14 @@
 static KV cache (StaticInferenceContext), for CPU runs and tests. No weight sync: it reads the
 training weights directly.
 
-Prompts of different lengths share one batch without padding: the batch is prefilled up to the
-shortest prompt, then every step feeds each sequence its next prompt token while it is still in
-its prompt, and a sampled token afterwards (megatron's static-batch scheme). Positions line up,
-so the causal KV cache is exact for every sequence.
+Prompts of different lengths share one batch. On CPU they are left-padded to the longest and the
+whole batch is prefilled at once, with an attention mask that hides the padding from every query
+(rotary attention depends only on relative positions, so the shift changes nothing but float
+round-off). Elsewhere the fused softmax kernels and TransformerEngine attend with the causal mask
+type and would ignore a padding mask, so there the batch is prefilled up to the shortest prompt,
+then every step feeds each sequence its next prompt token while it is still in its prompt, and a
+sampled token afterwards (megatron's static-batch scheme), which costs one decode step per token
+of length difference.
 
 Tensor parallel: logits come out split over the vocabulary; they are gathered on every TP rank
 and every rank samples with the same seeded generator, so all ranks agree on the tokens.
@@ -55,19 +59,19 @@ class BuiltinEngine:
         """The engine reads the training weights in place; only the version moves."""
         self.weight_version += 1
 
-    def _forward(self, model, tokens, positions, context):
+    def _forward(self, model, tokens, positions, mask, context):
         """One forward over the pipeline: logits [b, s, V/TP] on the last stage, None elsewhere."""
         from megatron.core import parallel_state as mpu
 
         if mpu.get_pipeline_model_parallel_world_size() == 1:
-            return model(tokens, positions, None, inference_context=context)
+            return model(tokens, positions, mask, inference_context=context)
         b, s = tokens.shape
         if not mpu.is_pipeline_first_stage():
             hidden = torch.empty(s, b, model.config.hidden_size,
                                  dtype=model.config.pipeline_dtype, device=tokens.device)
             torch.distributed.recv(hidden, src=mpu.get_pipeline_model_parallel_prev_rank())
             model.set_input_tensor(hidden)
-        output = model(tokens, positions, None, inference_context=context)
+        output = model(tokens, positions, mask, inference_context=context)
         if not mpu.is_pipeline_last_stage():
             torch.distributed.send(output.contiguous(),
                                    dst=mpu.get_pipeline_model_parallel_next_rank())
@@ -90,18 +94,25 @@ class BuiltinEngine:
         expanded = [list(p) for p in prompts for _ in range(params.n)]
         batch = len(expanded)
         lengths = torch.tensor([len(p) for p in expanded], device=device)
-        total = int(lengths.max()) + params.max_new_tokens
+        width = int(lengths.max())
+        total = width + params.max_new_tokens
         if total > model.max_sequence_length:
-            raise ValueError(f"prompt ({int(lengths.max())} tokens) + max_new_tokens "
+            raise ValueError(f"prompt ({width} tokens) + max_new_tokens "
                              f"({params.max_new_tokens}) exceeds the model's "
                              f"max_position_embeddings={model.max_sequence_length}")
+        # row i holds its prompt in columns [pad[i], prompt_end[i])
+        pad = width - lengths if device.type == "cpu" else torch.zeros_like(lengths)
+        prompt_end = pad + lengths
         tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
         for i, p in enumerate(expanded):
-            tokens[i, : len(p)] = torch.tensor(p, device=device)
-        positions = torch.arange(total, device=device).unsqueeze(0).expand(batch, -1)
+            tokens[i, int(pad[i]): int(prompt_end[i])] = torch.tensor(p, device=device)
+        columns = torch.arange(total, device=device)
+        positions = (columns[None, :] - pad[:, None]).clamp(min=0)  # learned position tables
+        # True = hidden: padding keys; queries see no key after their own (causal)
+        hidden = columns[None, :] < pad[:, None] if bool(pad.any()) else None
         logprobs = torch.zeros(batch, total, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
-        end = lengths + params.max_new_tokens  # exclusive end of each sequence
+        end = prompt_end + params.max_new_tokens  # exclusive end of each sequence
         finish = ["length"] * batch
         stop_ids = torch.tensor(list(params.stop_token_ids), dtype=torch.long, device=device)
 
@@ -112,16 +123,20 @@ class BuiltinEngine:
         was_training = model.training
         model.eval()
         context = StaticInferenceContext(batch, total)
-        start = int(lengths.min())
+        start = int(prompt_end.min())
         try:
             for t in range(start, total):
                 if t == start:
-                    logits = self._forward(model, tokens[:, :t], positions[:, :t], context)
+                    mask = None if hidden is None else (
+                        hidden[:, None, None, :t] | torch.ones(t, t, dtype=torch.bool,
+                                                               device=device).triu(1))
+                    logits = self._forward(model, tokens[:, :t], positions[:, :t], mask, context)
                     context.sequence_len_offset += t
                     context.enable_decode_mode()
                 else:
+                    mask = None if hidden is None else hidden[:, None, None, :t]
                     logits = self._forward(model, tokens[:, t - 1: t], positions[:, t - 1: t],
-                                           context)
+                                           mask, context)
                     context.sequence_len_offset += 1
                 if logits is not None:  # the last pipeline stage samples
                     logits = gather_from_tensor_model_parallel_region(logits[:, -1].float())
@@ -143,7 +158,7 @@ class BuiltinEngine:
                     group = mpu.get_pipeline_model_parallel_group()
                     torch.distributed.broadcast(next_ids, src=last, group=group)
                     torch.distributed.broadcast(next_logprobs, src=last, group=group)
-                generating = (t >= lengths) & ~done & (t < end)
+                generating = (t >= prompt_end) & ~done & (t < end)
                 tokens[:, t] = torch.where(generating, next_ids, tokens[:, t])
                 logprobs[:, t] = torch.where(generating, next_logprobs, logprobs[:, t])
                 if stop_ids.numel():
@@ -160,7 +175,7 @@ class BuiltinEngine:
 
         samples = []
         for i, p in enumerate(expanded):
-            lo, hi = len(p), int(end[i])
+            lo, hi = int(prompt_end[i]), int(end[i])
             samples.append(Sample(prompt_ids=p, output_ids=tokens[i, lo:hi].tolist(),
                                   output_logprobs=logprobs[i, lo:hi].tolist(),
                                   finish_reason=finish[i], weight_version=self.weight_version,
