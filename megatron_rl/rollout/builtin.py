@@ -39,6 +39,17 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One index per row, drawn with probability probs[row, i]: the exponential race
+    argmax_i p_i / E_i with E_i = -log U_i ~ Exp(1) (the Gumbel-max trick), computed as
+    argmax_i log(U_i) / p_i. One pass over the vocabulary; torch.multinomial and
+    Tensor.exponential_ each took a fifth of a CPU decode step, torch.rand + log a twentieth.
+    U < 1, so log U < 0 and a masked token (p = 0) scores -inf: never drawn."""
+    uniform = torch.rand(probs.shape, generator=generator, dtype=probs.dtype,
+                         device=probs.device)
+    return (uniform.log_() / probs).argmax(-1)
+
+
 class BuiltinEngine:
     """generate(prompts, params) -> samples, on this rank's shard of the policy model.
 
@@ -144,9 +155,10 @@ class BuiltinEngine:
                     scaled = logits / params.temperature if params.temperature > 0 else logits
                     log_probs = torch.log_softmax(scaled, dim=-1)
                     if params.temperature > 0:
-                        filtered = filter_logits(scaled, params.top_k, params.top_p)
-                        next_ids = torch.multinomial(filtered.softmax(-1), 1,
-                                                     generator=generator)[:, 0]
+                        filtered = (scaled if params.top_k <= 0 and params.top_p >= 1.0
+                                    else filter_logits(scaled, params.top_k, params.top_p))
+                        probs = log_probs.exp() if filtered is scaled else filtered.softmax(-1)
+                        next_ids = sample_from(probs, generator)
                     else:
                         next_ids = logits.argmax(-1)
                     next_logprobs = log_probs.gather(-1, next_ids[:, None])[:, 0]

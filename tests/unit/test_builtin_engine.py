@@ -8,7 +8,7 @@ import torch
 from megatron_rl.config import load_config
 from megatron_rl.parallel import state
 from megatron_rl.rollout import SamplingParams
-from megatron_rl.rollout.builtin import BuiltinEngine, filter_logits
+from megatron_rl.rollout.builtin import BuiltinEngine, filter_logits, sample_from
 
 warnings.filterwarnings("ignore")
 VOCAB = 300  # < padded 384: padded columns must never be sampled
@@ -80,6 +80,17 @@ def test_filter_logits():
     torch.testing.assert_close(top_p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
     top_k = filter_logits(logits, 3, 1.0).softmax(-1)
     torch.testing.assert_close(top_k, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+
+
+def test_sample_from_draws_each_token_with_its_probability():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    draws = 200_000
+    picks = sample_from(probs.expand(draws, -1).contiguous(),
+                        torch.Generator().manual_seed(0))
+    freq = torch.bincount(picks, minlength=5).double() / draws
+    sigma = (probs.double() * (1 - probs.double()) / draws).sqrt()
+    assert freq[4] == 0  # a masked token is never drawn
+    assert ((freq - probs.double()).abs() <= 5 * sigma + 1e-12).all(), freq
 
 
 def test_bad_requests(model):
