@@ -36,5 +36,6 @@ echo "import megatron_rl_torchvision_ops_schema as _m; _m.install()" > "$SITE/me
 SGLANG_USE_CPU_ENGINE=1 "$VENV/bin/python" -W ignore - <<'PY'
 import sglang, torch
 import sglang.launch_server, sglang.srt.managers.scheduler, sglang.srt.models.qwen2  # noqa: F401
+import sglang_router.router  # noqa: F401
 print(f"sglang env ready: sglang {sglang.__version__}, torch {torch.__version__}")
 PY

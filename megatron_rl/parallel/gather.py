@@ -28,11 +28,13 @@ def is_gated_fc1(name: str) -> bool:
     return name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias")
 
 
-def gather_tp_tensor(tensor: torch.Tensor, name: str, param, group) -> torch.Tensor:
-    """Full tensor from this rank's TP shard of `param` (partition attributes set by megatron)."""
+def gather_tp_tensor(tensor: torch.Tensor, name: str, param, group,
+                     copy: bool = True) -> torch.Tensor:
+    """Full tensor from this rank's TP shard of `param` (partition attributes set by megatron).
+    copy=False returns an unsplit tensor itself (detached), not a copy."""
     if group is None or dist.get_world_size(group) == 1 or not getattr(
             param, "tensor_model_parallel", False):
-        return tensor.detach().clone()
+        return tensor.detach().clone() if copy else tensor.detach()
     dim = param.partition_dim
     shards = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shards, tensor.detach().contiguous(), group=group)
@@ -42,9 +44,13 @@ def gather_tp_tensor(tensor: torch.Tensor, name: str, param, group) -> torch.Ten
     return torch.cat(shards, dim=dim)
 
 
-def named_full_tensors(model, which: str = "param") -> Iterable[Tuple[str, torch.Tensor]]:
+def named_full_tensors(model, which: str = "param",
+                       copy: bool = True) -> Iterable[Tuple[str, torch.Tensor]]:
     """Yield (global name, full tensor) for this PP stage: parameters or their gradients
-    (`which="grad"`: megatron DDP's main_grad when present, .grad otherwise)."""
+    (`which="grad"`: megatron DDP's main_grad when present, .grad otherwise).
+    copy=False: tensors that need no gathering are the live ones, for a consumer that is done
+    with each before the next optimizer step (weight sync: a copy of the model would cost as much
+    as the transfer itself)."""
     from megatron.core import parallel_state as mpu
 
     group = mpu.get_tensor_model_parallel_group()
@@ -55,7 +61,7 @@ def named_full_tensors(model, which: str = "param") -> Iterable[Tuple[str, torch
             tensor = getattr(param, "main_grad", None)
             if tensor is None:
                 tensor = param.grad if param.grad is not None else torch.zeros_like(param)
-        yield global_layer_name(name, model), gather_tp_tensor(tensor, name, param, group)
+        yield global_layer_name(name, model), gather_tp_tensor(tensor, name, param, group, copy)
 
 
 def full_state(model, which: str = "param") -> Dict[str, torch.Tensor]:

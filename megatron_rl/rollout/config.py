@@ -28,6 +28,12 @@ class SGLangConfig:
     # disk: an HF folder written by rank 0 and loaded by each engine.
     weight_sync: Literal["distributed", "tensor", "disk"] = "distributed"
     bucket_mb: int = 512
+    # How generation requests reach the engines: "sglang_router" puts sglang_router (installed
+    # in the SGLang python) in front of them; "least_loaded" has the client send each request
+    # to the server with the fewest in flight; "auto": the router where it is installed and
+    # there are several engines, least_loaded otherwise.
+    router: Literal["auto", "sglang_router", "least_loaded"] = "auto"
+    router_policy: Literal["cache_aware", "power_of_two", "round_robin", "random"] = "cache_aware"
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 600.0
     # A server that dies or stops answering is restarted and its unfinished requests retried;

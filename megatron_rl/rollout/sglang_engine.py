@@ -1,12 +1,15 @@
 """SGLang engines behind one client: the production rollout path.
 
 generate() has the built-in engine's signature and returns the same Samples. Requests go one
-sample each to the least-loaded live server. A server that dies or stops answering is restarted
-(its log shows both runs), `on_restart` re-pushes the current weights to it, and its unfinished
-requests are retried there or elsewhere; after `max_restarts` restarts in one job, EngineError.
+sample each through sglang_router (rollout.sglang.router; cache-aware, retries on another server)
+or, without it, to the least-loaded live server. Every response must carry the engines' current
+weight version. A server that dies or stops answering is restarted (its log shows both runs),
+`on_restart` re-pushes the current weights to it, and its unfinished requests are retried there
+or elsewhere; after `max_restarts` restarts in one job, EngineError.
 
-Weight sync (update_weights) sits between /begin_weight_update and /end_weight_update and ends
-with /update_weight_version, whose value every later response carries (Sample.weight_version):
+Weight sync (update_weights) sits between /begin_weight_update and /end_weight_update; its last
+request sets the weight version, which every later response carries (Sample.weight_version), and
+flushes the radix cache:
   - distributed: one process group per engine (the trainer's rank 0 plus the engine's TP ranks;
     NCCL on GPU, gloo on CPU); each bucket is one flat byte tensor broadcast from the trainer;
   - tensor: tensors shared in memory (CUDA IPC on GPU, torch's file_system strategy on CPU),
@@ -27,7 +30,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.rollout.config import SGLangConfig
-from megatron_rl.rollout.sglang_server import EngineError, SGLangServer, log_tail
+from megatron_rl.rollout.sglang_server import (EngineError, SGLangRouter, SGLangServer, log_tail,
+                                               router_installed)
 from megatron_rl.rollout.types import Sample, SamplingParams
 
 NamedTensors = Iterable[Tuple[str, torch.Tensor]]
@@ -49,10 +53,34 @@ def buckets(named_tensors: NamedTensors,
         yield bucket
 
 
-def flatten_bucket(bucket: List[Tuple[str, torch.Tensor]]) -> torch.Tensor:
+def _with_last(items: Iterable) -> Iterator[Tuple[object, bool]]:
+    """(item, is_last) for each item, looking one ahead."""
+    iterator = iter(items)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    for following in iterator:
+        yield current, False
+        current = following
+    yield current, True
+
+
+def flatten_bucket(bucket: List[Tuple[str, torch.Tensor]],
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The bytes of each tensor back to back: the layout SGLang's "flattened_bucket" load format
-    unpacks from names, dtypes and shapes."""
-    return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])
+    unpacks from names, dtypes and shapes. Written into `out` (a uint8 buffer, reused between
+    buckets) when it is large enough: on CPU, fresh memory costs page faults that take longer
+    than the copy itself."""
+    nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
+    if out is None or out.numel() < nbytes or out.device != bucket[0][1].device:
+        out = torch.empty(nbytes, dtype=torch.uint8, device=bucket[0][1].device)
+    flat, offset = out[:nbytes], 0
+    for _, tensor in bucket:  # one dtype per bucket, so every offset is aligned for it
+        size = tensor.numel() * tensor.element_size()
+        flat[offset: offset + size].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        offset += size
+    return flat
 
 
 def weight_sync_group(master_port: int, world_size: int, backend: str, group_name: str,
@@ -82,7 +110,8 @@ def sync_master_address() -> str:
 def _share_for_http(named: List[Tuple[str, torch.Tensor]]) -> str:
     """Pickle tensors as shared-memory handles (what SGLang's MultiprocessingSerializer reads):
     CUDA IPC handles on GPU; on CPU torch's file_system strategy, because the default passes file
-    descriptors over a socket, which an HTTP body cannot carry."""
+    descriptors over a socket, which an HTTP body cannot carry. Sharing a CPU tensor moves its
+    storage into shared memory, so CPU tensors (which may be live parameters) are copied first."""
     from multiprocessing.reduction import ForkingPickler
 
     import torch.multiprocessing as mp
@@ -90,7 +119,8 @@ def _share_for_http(named: List[Tuple[str, torch.Tensor]]) -> str:
     if mp.get_sharing_strategy() != "file_system" and not named[0][1].is_cuda:
         mp.set_sharing_strategy("file_system")
     buffer = io.BytesIO()
-    ForkingPickler(buffer).dump([(name, t.detach().contiguous()) for name, t in named])
+    ForkingPickler(buffer).dump([
+        (name, t.detach().contiguous() if t.is_cuda else t.detach().clone()) for name, t in named])
     return base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -141,8 +171,16 @@ class SGLangEngine:
         self._local = threading.local()
         # engine index -> (its weight-sync group, the group's name, the store it rendezvoused on)
         self._groups: Dict[int, Tuple[dist.ProcessGroup, str, dist.TCPStore]] = {}
+        self._flat: Optional[torch.Tensor] = None  # reused bucket buffer (CPU)
         # Restarted engines still serving their initial weights: no requests until a sync.
         self.stale = set()
+        self.router: Optional[SGLangRouter] = None
+        if servers and (cfg.router == "sglang_router" or (
+                cfg.router == "auto" and len(servers) > 1 and router_installed(cfg.python))):
+            self.router = SGLangRouter(cfg, [s.url for s in servers], os.path.join(
+                os.path.dirname(os.path.abspath(servers[0].log_path)), "sglang_router.log"))
+            self.router.start()
+            self.router.wait_until_ready()
 
     # ---- lifecycle ------------------------------------------------------------------------
     @classmethod
@@ -154,6 +192,8 @@ class SGLangEngine:
                                  weight_version, seed), cfg, on_restart)
 
     def shutdown(self) -> None:
+        if self.router is not None:
+            self.router.stop()
         for group, _, _ in self._groups.values():
             dist.destroy_process_group(group)
         self._groups.clear()
@@ -181,22 +221,36 @@ class SGLangEngine:
             server.restart()
         server.weight_version = server.initial_version  # its model_path's weights, until re-synced
         if server.initial_version == self.weight_version:
-            return  # no sync since it started: its own files are the current weights
-        if self.on_restart is not None:
+            pass  # no sync since it started: its own files are the current weights
+        elif self.on_restart is not None:
             self.on_restart(index)
         else:
             self.stale.add(index)
+        if self.router is not None:  # it takes the server back once its health checks pass
+            self.router.wait_until_ready(len(self.servers) - len(self.stale))
+
+    def _restart_router(self, reason: str) -> None:
+        self.restarts += 1
+        if self.restarts > self.cfg.max_restarts:
+            raise EngineError(f"sglang_router failed ({reason}) after {self.restarts - 1} "
+                              f"restarts in this job (rollout.sglang.max_restarts="
+                              f"{self.cfg.max_restarts}); {self.router.log_path}:\n"
+                              f"{log_tail(self.router.log_path)}")
+        print(f"[megatron-rl] restarting sglang_router ({reason})", flush=True)
+        self.router.restart()
 
     # ---- HTTP -----------------------------------------------------------------------------
-    def _post(self, index: int, route: str, payload: Optional[dict] = None,
+    def _post(self, index: Optional[int], route: str, payload: Optional[dict] = None,
               timeout: Optional[float] = None) -> dict:
+        """POST to server `index`, or to the router when index is None."""
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
-        response = session.post(self.servers[index].url + route, json=payload or {},
+        url = self.router.url if index is None else self.servers[index].url
+        response = session.post(url + route, json=payload or {},
                                 timeout=timeout or self.cfg.request_timeout_s)
         if response.status_code != 200:
-            raise EngineError(f"{self.servers[index].url}{route} answered "
+            raise EngineError(f"{url}{route} answered "
                               f"{response.status_code}: {response.text[:500]}")
         try:
             return response.json()
@@ -209,6 +263,19 @@ class SGLangEngine:
         return not self.servers[index].alive() or isinstance(
             error, (requests.ConnectionError, requests.Timeout))
 
+    def _down_behind_router(self) -> List[int]:
+        """After a request through the router failed: the live servers that are gone or do not
+        answer /health (which one served the request, the router does not say)."""
+        def down(index: int) -> bool:
+            if not self.servers[index].alive():
+                return True
+            try:
+                return requests.get(self.servers[index].url + "/health",
+                                    timeout=30).status_code != 200
+            except requests.RequestException:
+                return True
+        return [i for i in range(len(self.servers)) if i not in self.stale and down(i)]
+
     def _on_all(self, route: str, payload: Optional[dict] = None) -> List[dict]:
         return [self._post(i, route, payload) for i in range(len(self.servers))]
 
@@ -220,9 +287,10 @@ class SGLangEngine:
             self._load[index] += 1
             return index
 
-    def _generate_one(self, prompt: Sequence[int], params: SamplingParams,
-                      prompt_index: int) -> Tuple[int, Optional[Sample], Optional[Exception]]:
-        index = self._pick()
+    def _generate_one(self, prompt: Sequence[int], params: SamplingParams, prompt_index: int
+                      ) -> Tuple[Optional[int], Optional[Sample], Optional[Exception]]:
+        """(the server it went to, None behind the router; the sample or the error)."""
+        index = None if self.router is not None else self._pick()
         sampling = {"temperature": params.temperature, "top_p": params.top_p,
                     "top_k": params.top_k, "max_new_tokens": params.max_new_tokens,
                     "stop_token_ids": list(params.stop_token_ids), "skip_special_tokens": False,
@@ -234,9 +302,14 @@ class SGLangEngine:
         except (requests.RequestException, EngineError) as e:
             return index, None, e
         finally:
-            with self._lock:
-                self._load[index] -= 1
+            if index is not None:
+                with self._lock:
+                    self._load[index] -= 1
         meta = out["meta_info"]
+        if int(meta["weight_version"]) != self.weight_version:
+            return index, None, EngineError(
+                f"a server answered with weights of version {meta['weight_version']}, the "
+                f"engines' current version is {self.weight_version}")
         finish = (meta.get("finish_reason") or {}).get("type", "length")
         return index, Sample(prompt_ids=list(prompt), output_ids=list(out["output_ids"]),
                              output_logprobs=[lp for lp, _, _ in meta["output_token_logprobs"]],
@@ -270,16 +343,29 @@ class SGLangEngine:
                         failed.setdefault(index, error)
                     else:
                         results[futures[future]] = sample
-                for index, error in sorted(failed.items()):
+                for index, error in failed.items():  # index None: through the router
                     reason = f"{type(error).__name__}: {error}"
-                    if not self._is_down(index, error):
-                        raise EngineError(f"SGLang engine {index} refused a request: {reason}")
-                    if resync:
-                        self.restart(index, reason)
-                    else:
-                        self.stale.add(index)
+                    if index is None and not self.router.alive():
+                        self._restart_router(reason)
+                        continue
+                    down = (self._down_behind_router() if index is None
+                            else [index] if self._is_down(index, error) else [])
+                    if not down:
+                        raise EngineError(f"SGLang engine {'' if index is None else index} "
+                                          f"refused a request: {reason}")
+                    self._mend(down, reason, resync)
                 pending.sort()
+        if self.router is not None:
+            # the router retried a dead server's requests elsewhere: nobody else noticed
+            self._mend(self._down_behind_router(), "found down after a rollout", resync)
         return results
+
+    def _mend(self, down: List[int], reason: str, resync: bool) -> None:
+        for index in down:
+            if resync:
+                self.restart(index, reason)
+            else:
+                self.stale.add(index)
 
     def prompt_logprobs(self, prompts: Sequence[Sequence[int]],
                         engine: int = 0) -> List[List[float]]:
@@ -348,31 +434,37 @@ class SGLangEngine:
                         raise
                     failed[index] = f"{type(e).__name__} during weight sync: {e}"
 
+        # The last request of a sync also sets the version and flushes the radix cache (its KV
+        # came from the old weights), without torch_empty_cache: a separate /flush_cache would
+        # also empty the allocator, which on CPU is a gc.collect() of 0.5-1.5 s per sync.
+        last = {"flush_cache": True, "weight_version": str(version), "torch_empty_cache": False}
         t0, sent = time.perf_counter(), 0
         if method == "disk":
             sent = self._write_for_disk(named_tensors, disk_dir)
-            on_each(lambda i: self._post(i, "/update_weights_from_disk", {
-                "model_path": disk_dir, "flush_cache": False}))
+            on_each(lambda i: self._post(i, "/update_weights_from_disk",
+                                         {"model_path": disk_dir, **last}))
         else:
             on_each(lambda i: self._post(i, "/begin_weight_update"))
-            for bucket in buckets(named_tensors, self.cfg.bucket_mb << 20):
-                sent += sum(t.numel() * t.element_size() for _, t in bucket)
-                if method == "distributed":
-                    on_each(lambda i: self._send_distributed(i, bucket))
-                else:
-                    payload = [_share_for_http(bucket)] * self.cfg.tp_size
-                    on_each(lambda i: self._post(i, "/update_weights_from_tensor", {
-                        "serialized_named_tensors": payload, "flush_cache": False}))
+            loading = lambda: None  # noqa: E731  waits for the servers to load the last bucket
+            with ThreadPoolExecutor(len(self.servers)) as pool:
+                for bucket, is_last in _with_last(buckets(named_tensors,
+                                                          self.cfg.bucket_mb << 20)):
+                    sent += sum(t.numel() * t.element_size() for _, t in bucket)
+                    finish = last if is_last else {"flush_cache": False}
+                    if method == "distributed":
+                        flat = self._flatten(bucket)  # while the servers load the previous one
+                        loading()
+                        loading = self._send_distributed(on_each, pool, bucket, flat, finish)
+                    else:
+                        payload = [_share_for_http(bucket)] * self.cfg.tp_size
+                        on_each(lambda i: self._post(i, "/update_weights_from_tensor", {
+                            "serialized_named_tensors": payload, **finish}))
+                loading()
             on_each(lambda i: self._post(i, "/end_weight_update"))
-
-        def finish(index: int) -> None:
-            self._post(index, "/update_weight_version", {"new_version": str(version),
-                                                         "abort_all_requests": False})
-            self._post(index, "/flush_cache")
-            self.servers[index].weight_version = version
-            self.stale.discard(index)
-
-        on_each(finish)
+        for index in engines:
+            if index not in failed:
+                self.servers[index].weight_version = version
+                self.stale.discard(index)
         self.weight_version = version
         for index, reason in sorted(failed.items()):
             self.restart(index, reason)
@@ -399,20 +491,30 @@ class SGLangEngine:
             self._groups[index] = (group, name, store)
         return self._groups[index][:2]
 
-    def _send_distributed(self, index: int, bucket: List[Tuple[str, torch.Tensor]]) -> None:
-        group, name = self._group(index)
-        flat = flatten_bucket(bucket)
-        if self.servers[index].device != "cpu":
-            flat = flat.cuda()
-        with ThreadPoolExecutor(1) as pool:
-            reply = pool.submit(self._post, index, "/update_weights_from_distributed", {
-                "names": [n for n, _ in bucket],
-                "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket],
-                "group_name": name, "load_format": "flattened_bucket",
-                "flush_cache": False})
-            dist.broadcast(flat, group=group, group_src=0)
-            reply.result()
+    def _flatten(self, bucket: List[Tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """The bucket as one flat tensor on the engines' device; a CPU buffer is kept for the
+        next bucket (GPU memory is left to the caching allocator, and to training)."""
+        flat = flatten_bucket(bucket, self._flat)
+        if flat.device.type == "cpu":
+            self._flat = flat if flat._base is None else flat._base
+        return flat if self.servers[0].device == "cpu" else flat.cuda()
+
+    def _send_distributed(self, on_each: Callable[[Callable[[int], object]], None],
+                          pool: ThreadPoolExecutor, bucket: List[Tuple[str, torch.Tensor]],
+                          flat: torch.Tensor, finish: dict) -> Callable[[], None]:
+        """One bucket to every engine: the request, then the broadcast over the engine's group.
+        Returns the wait for the replies (each server answers once it has loaded the bucket),
+        so that the caller packs the next bucket meanwhile."""
+        request = {"names": [n for n, _ in bucket],
+                   "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+                   "shapes": [list(t.shape) for _, t in bucket],
+                   "load_format": "flattened_bucket", **finish}
+        replies = {}
+        on_each(lambda i: replies.__setitem__(i, pool.submit(
+            self._post, i, "/update_weights_from_distributed",
+            {**request, "group_name": self._group(i)[1]})))
+        on_each(lambda i: dist.broadcast(flat, group=self._group(i)[0], group_src=0))
+        return lambda: on_each(lambda i: replies[i].result())
 
     def _write_for_disk(self, named_tensors: NamedTensors, disk_dir: Optional[str]) -> int:
         from megatron_rl.rollout.weight_sync import write_hf_folder

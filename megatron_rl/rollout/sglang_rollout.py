@@ -65,11 +65,17 @@ class SGLangRollout:
             raise EngineError("\n".join(errors))
         # Engine i of the job: (owning rank, its index there), in rank order on every rank.
         self.owners = [(rank, i) for rank, _, descs in gathered for i in range(len(descs))]
-        if self.rank == 0:
+
+        def connect():  # rank 0 is the client (and starts the router, which may fail)
             self.engine = SGLangEngine(
                 [self.local_servers[i] if rank == 0 else SGLangServer.reach(desc, self.scfg)
                  for rank, _, descs in gathered for i, desc in enumerate(descs)],
                 self.scfg, on_restart=self._resync, restart_server=self._restart_server)
+        try:
+            self._lead(connect)
+        except EngineError:
+            self.shutdown()
+            raise
 
     def _lead(self, action, weights=None):
         """Rank 0 runs action() and sends the others its result, or its EngineError (raised on

@@ -54,6 +54,43 @@ def bind_address(host: str) -> str:
     raise EngineError(f"rollout.sglang.host={host!r}: interface {host} has no IPv4 address")
 
 
+def spawn_logged(command: List[str], env: dict, log_path: str) -> subprocess.Popen:
+    """Start command in its own process group (stopping the group stops what it spawns), its
+    output appended to log_path after a header line (a restart's log follows the crash)."""
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"\n===== megatron-rl: starting {' '.join(command)}\n")
+        log.flush()
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group, SIGKILL after 15 s: nothing is left behind."""
+    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(wait_s)
+            # The launcher exiting does not mean its children did: kill the group anyway.
+            os.killpg(process.pid, signal.SIGKILL)
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            pass
+        break
+
+
+def clean_env() -> dict:
+    """This environment without torchrun's variables: they would make a server's own
+    torch.distributed join the job's rendezvous (TORCHELASTIC_USE_AGENT_STORE makes its
+    TCPStore a client of the agent's)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in TORCHRUN_VARIABLES and not k.startswith("TORCHELASTIC_")}
+
+
 class SGLangServer:
     def __init__(self, model_path: str, cfg: SGLangConfig, port: int, log_path: str,
                  dist_port: int, gpu_id: Optional[int] = None, device: str = "cpu",
@@ -113,19 +150,14 @@ class SGLangServer:
         return cmd + list(cfg.extra_args)
 
     def start(self) -> None:
-        # torchrun's variables would make the server's own torch.distributed join the job's
-        # rendezvous (TORCHELASTIC_USE_AGENT_STORE makes its TCPStore a client of the agent's).
-        env = {k: v for k, v in os.environ.items()
-               if k not in TORCHRUN_VARIABLES and not k.startswith("TORCHELASTIC_")}
+        env = clean_env()
         if self.device == "cpu":
             env["SGLANG_USE_CPU_ENGINE"] = "1"
-        os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
-        command = self.command()
-        with open(self.log_path, "a") as log:
-            log.write(f"\n===== megatron-rl: starting {' '.join(command)}\n")
-            log.flush()
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            env=env, start_new_session=True)
+            # torch's CPU allocator asks for transparent huge pages on large blocks: each weight
+            # sync receives into fresh buffers, and faulting them in 4 KiB pages took longer
+            # than the transfer (tools/bench_rollout.py, docs/rollout.md)
+            env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+        self.process = spawn_logged(self.command(), env, self.log_path)
         atexit.register(self.stop)
 
     def restart(self) -> None:
@@ -162,22 +194,82 @@ class SGLangServer:
                           f"{self.log_path}:\n{log_tail(self.log_path)}")
 
     def stop(self) -> None:
-        """SIGTERM to the server's process group, SIGKILL after 15 s: nothing is left behind."""
         process, self.process = self.process, None
         if process is None:
             return
         atexit.unregister(self.stop)
-        for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        stop_process_group(process)
+
+
+def router_installed(python: Optional[str]) -> bool:
+    """Whether the SGLang interpreter has sglang_router (its Rust router)."""
+    import sys
+
+    return subprocess.run([python or sys.executable, "-c", "import sglang_router.router"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+
+class SGLangRouter:
+    """sglang_router in front of the servers: one URL for generation, cache-aware placement
+    (the n samples of a prompt share its prefix on one server), retries of a request on
+    another server when one fails. It listens on loopback: only the client process, on the same
+    host, talks to it. Weight sync and control requests go to the servers directly."""
+
+    def __init__(self, cfg: SGLangConfig, worker_urls: List[str], log_path: str):
+        self.cfg, self.worker_urls, self.log_path = cfg, list(worker_urls), log_path
+        self.process: Optional[subprocess.Popen] = None
+        self.url = ""
+
+    def command(self, port: int) -> List[str]:
+        import sys
+
+        return [self.cfg.python or sys.executable, "-m", "sglang_router.launch_router",
+                "--host", "127.0.0.1", "--port", str(port),
+                "--worker-urls", *self.worker_urls, "--policy", self.cfg.router_policy,
+                # a restarted server is back in rotation within seconds; failures are the
+                # client's to handle (it restarts the server), not a reason to shun it for 60 s
+                "--health-check-interval-secs", "1", "--disable-circuit-breaker",
+                "--request-timeout-secs", str(int(self.cfg.request_timeout_s)),
+                "--log-level", "warn"]
+
+    def start(self) -> None:
+        from megatron_rl.parallel.state import free_port
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = spawn_logged(self.command(port), clean_env(), self.log_path)
+        atexit.register(self.stop)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_until_ready(self, healthy: Optional[int] = None) -> None:
+        """Until /readiness counts `healthy` servers (default: all) registered and healthy."""
+        healthy = len(self.worker_urls) if healthy is None else healthy
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise EngineError(f"sglang_router exited while starting; {self.log_path}:\n"
+                                  f"{log_tail(self.log_path)}")
             try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(wait_s)
-                # The launcher exiting does not mean its children did: kill the group anyway.
-                os.killpg(process.pid, signal.SIGKILL)
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
+                reply = requests.get(self.url + "/readiness", timeout=10)
+                if (reply.status_code == 200
+                        and reply.json().get("healthy_workers", 0) >= healthy):
+                    return
+            except (requests.RequestException, ValueError):
                 pass
-            break
+            time.sleep(0.5)
+        self.stop()
+        raise EngineError(f"sglang_router was not ready after {self.cfg.startup_timeout_s:.0f} "
+                          f"s; {self.log_path}:\n{log_tail(self.log_path)}")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+        self.wait_until_ready()
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            atexit.unregister(self.stop)
+            stop_process_group(process)

@@ -19,7 +19,9 @@ _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.pt"
 def hf_weights(model, cfg: ModelConfig) -> Iterator[Tuple[str, torch.Tensor]]:
     """Every rank of data-parallel replica 0 must iterate this (TP gathers and PP broadcasts are
     collective); global rank 0 receives the (HF name, full tensor) pairs, one tensor at a time,
-    the others get nothing. Other replicas hold the same weights and return at once."""
+    the others get nothing. Other replicas hold the same weights and return at once.
+    Tensors that need no gathering are the live parameters (views): use each before the next
+    optimizer step."""
     from megatron.core import parallel_state as mpu
 
     if mpu.get_data_parallel_rank() != 0:
@@ -30,7 +32,7 @@ def hf_weights(model, cfg: ModelConfig) -> Iterator[Tuple[str, torch.Tensor]]:
     tp_rank = mpu.get_tensor_model_parallel_rank()
     for stage in range(pp_size):
         if stage == pp_rank:
-            for name, full in named_full_tensors(model):
+            for name, full in named_full_tensors(model, copy=False):
                 if stage == 0:
                     if is_receiver:
                         yield from megatron_to_hf_tensors(name, full, cfg)

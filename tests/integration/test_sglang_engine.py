@@ -3,6 +3,7 @@ log-probs agree, each weight-sync path lands the trainer's new weights and advan
 pause/abort/continue behave, a killed server is restarted with nothing lost, too many failures
 stop with a clear error, and the server listens on loopback only."""
 import os
+import re
 import signal
 import threading
 import time
@@ -28,7 +29,7 @@ VOCAB = 300
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17]]
 
 
-def serve(tmp, overrides, seed):
+def serve(tmp, overrides, seed, num_engines=1, **sglang):
     """(model config, a random megatron model, an SGLangEngine serving the same weights)."""
     python = sglang_python()
     cfg = load_config(None, [f"model.vocab_size={VOCAB}", "model.make_vocab_size_divisible_by=8",
@@ -39,7 +40,7 @@ def serve(tmp, overrides, seed):
     write_hf_folder(hf_weights(model, cfg.model), str(tmp / "hf"), cfg=cfg.model)
     engine = SGLangEngine.launch(str(tmp / "hf"), SGLangConfig(
         python=python, dtype="float32", max_total_tokens=8192, startup_timeout_s=300,
-        request_timeout_s=120), str(tmp / "logs"), num_engines=1)
+        request_timeout_s=120, **sglang), str(tmp / "logs"), num_engines=num_engines)
     engine.disk_dir = str(tmp / "sync")
     return cfg, model, engine
 
@@ -113,6 +114,12 @@ def test_weight_sync_lands_new_weights(served, method):
         assert (torch.tensor(new) - torch.tensor(old)).abs().max() > 1e-3  # it did change
     sample = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))[0]
     assert sample.weight_version == version == engine.weight_version
+
+
+def _requests_served(server):
+    """Sequences the server has prefilled, from its log (SGLang logs each prefill batch)."""
+    with open(server.log_path) as f:
+        return sum(int(n) for n in re.findall(r"Prefill batch, #new-seq: (\d+)", f.read()))
 
 
 def _generate_in_thread(engine, params, prompts=PROMPTS):
@@ -191,6 +198,49 @@ def test_too_many_failures_stop_with_a_clear_error(served):
     _kill(engine.servers[0])
     with pytest.raises(EngineError, match="max_restarts"):
         engine.generate(PROMPTS, SamplingParams(max_new_tokens=4))
+
+
+def test_router_spreads_requests_and_a_killed_server_is_restarted_and_resynced(tmp_path):
+    """Two servers behind sglang_router: both serve, every sample carries the synced version,
+    and a server killed mid-rollout is restarted and re-synced with all samples complete."""
+    cfg, model, engine = serve(tmp_path, ["model.max_position_embeddings=1024"], seed=2,
+                               num_engines=2, router="sglang_router", router_policy="round_robin")
+    try:
+        assert engine.router is not None and engine.router.alive()
+        resynced = []
+
+        def resync(index):
+            resynced.append(index)
+            engine.update_weights(hf_weights(model, cfg.model), engine.weight_version,
+                                  engines=[index])
+
+        engine.on_restart = resync
+        perturb(model, seed=4)
+        engine.update_weights(hf_weights(model, cfg.model), 1, method="distributed")
+        served_before = [_requests_served(s) for s in engine.servers]
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+        ours = BuiltinEngine(model, vocab_size=VOCAB).generate(PROMPTS * 4, greedy)
+        theirs = engine.generate(PROMPTS * 4, greedy)
+        assert [s.output_ids for s in theirs] == [s.output_ids for s in ours]
+        assert all(s.weight_version == 1 for s in theirs)
+        assert all(_requests_served(s) > n for s, n in zip(engine.servers, served_before))
+
+        prompts = [[i % 250 + 1, 7, 8] for i in range(16)]
+        thread, out = _generate_in_thread(engine, SamplingParams(max_new_tokens=300), prompts)
+        time.sleep(2.0)
+        _kill(engine.servers[1])
+        thread.join(300)
+        assert not thread.is_alive()
+        samples = out["samples"]
+        assert len(samples) == 16 and all(len(s.output_ids) == 300 for s in samples)
+        assert all(s.weight_version == 1 for s in samples)
+        assert resynced == [1] and engine.servers[1].alive()
+        for ids, got in zip(PROMPTS[:2], engine.prompt_logprobs(PROMPTS[:2], engine=1)):
+            torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                                       megatron_logprobs(model, ids), atol=2e-5, rtol=0)
+    finally:
+        engine.shutdown()
+    assert not engine.router.alive()
 
 
 def test_qwen3_serves_and_syncs_through_the_same_mapping(tmp_path):
