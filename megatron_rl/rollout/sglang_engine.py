@@ -227,7 +227,7 @@ class SGLangEngine:
         else:
             self.stale.add(index)
         if self.router is not None:  # it takes the server back once its health checks pass
-            self.router.wait_until_ready(len(self.servers) - len(self.stale))
+            self.router.wait_until_ready([server.url])
 
     def _restart_router(self, reason: str) -> None:
         self.restarts += 1
@@ -237,7 +237,8 @@ class SGLangEngine:
                               f"{self.cfg.max_restarts}); {self.router.log_path}:\n"
                               f"{log_tail(self.router.log_path)}")
         print(f"[megatron-rl] restarting sglang_router ({reason})", flush=True)
-        self.router.restart()
+        self.router.restart([s.url for i, s in enumerate(self.servers)
+                             if i not in self.stale and s.alive()])
 
     # ---- HTTP -----------------------------------------------------------------------------
     def _post(self, index: Optional[int], route: str, payload: Optional[dict] = None,

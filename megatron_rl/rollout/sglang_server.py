@@ -243,30 +243,31 @@ class SGLangRouter:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def wait_until_ready(self, healthy: Optional[int] = None) -> None:
-        """Until /readiness counts `healthy` servers (default: all) registered and healthy."""
-        healthy = len(self.worker_urls) if healthy is None else healthy
+    def wait_until_ready(self, urls: Optional[List[str]] = None) -> None:
+        """Until the router lists each of `urls` (default: every server) as a healthy worker
+        (it registers workers in the background after it starts)."""
+        wanted = set(self.worker_urls if urls is None else urls)
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while time.monotonic() < deadline:
             if not self.alive():
                 raise EngineError(f"sglang_router exited while starting; {self.log_path}:\n"
                                   f"{log_tail(self.log_path)}")
             try:
-                reply = requests.get(self.url + "/readiness", timeout=10)
-                if (reply.status_code == 200
-                        and reply.json().get("healthy_workers", 0) >= healthy):
+                workers = requests.get(self.url + "/workers", timeout=10).json()["workers"]
+                if wanted <= {w["url"] for w in workers if w.get("is_healthy")}:
                     return
-            except (requests.RequestException, ValueError):
+            except (requests.RequestException, ValueError, KeyError, TypeError):
                 pass
             time.sleep(0.5)
         self.stop()
-        raise EngineError(f"sglang_router was not ready after {self.cfg.startup_timeout_s:.0f} "
-                          f"s; {self.log_path}:\n{log_tail(self.log_path)}")
+        raise EngineError(f"sglang_router did not list {sorted(wanted)} as healthy after "
+                          f"{self.cfg.startup_timeout_s:.0f} s; {self.log_path}:\n"
+                          f"{log_tail(self.log_path)}")
 
-    def restart(self) -> None:
+    def restart(self, urls: Optional[List[str]] = None) -> None:
         self.stop()
         self.start()
-        self.wait_until_ready()
+        self.wait_until_ready(urls)
 
     def stop(self) -> None:
         process, self.process = self.process, None

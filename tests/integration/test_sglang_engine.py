@@ -202,7 +202,8 @@ def test_too_many_failures_stop_with_a_clear_error(served):
 
 def test_router_spreads_requests_and_a_killed_server_is_restarted_and_resynced(tmp_path):
     """Two servers behind sglang_router: both serve, every sample carries the synced version,
-    and a server killed mid-rollout is restarted and re-synced with all samples complete."""
+    a server killed mid-rollout is restarted and re-synced with all samples complete, and a
+    killed router is restarted."""
     cfg, model, engine = serve(tmp_path, ["model.max_position_embeddings=1024"], seed=2,
                                num_engines=2, router="sglang_router", router_policy="round_robin")
     try:
@@ -238,6 +239,11 @@ def test_router_spreads_requests_and_a_killed_server_is_restarted_and_resynced(t
         for ids, got in zip(PROMPTS[:2], engine.prompt_logprobs(PROMPTS[:2], engine=1)):
             torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
                                        megatron_logprobs(model, ids), atol=2e-5, rtol=0)
+
+        os.killpg(engine.router.process.pid, signal.SIGKILL)  # the router itself dies
+        again = engine.generate(PROMPTS, greedy)
+        assert engine.router.alive() and engine.restarts == 2
+        assert [s.output_ids for s in again] == [s.output_ids for s in ours[:len(PROMPTS)]]
     finally:
         engine.shutdown()
     assert not engine.router.alive()
