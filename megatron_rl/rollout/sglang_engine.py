@@ -346,7 +346,7 @@ class SGLangEngine:
                         results[futures[future]] = sample
                 for index, error in failed.items():  # index None: through the router
                     reason = f"{type(error).__name__}: {error}"
-                    if index is None and not self.router.alive():
+                    if index is None and self.router.down():
                         self._restart_router(reason)
                         continue
                     down = (self._down_behind_router() if index is None

@@ -243,6 +243,16 @@ class SGLangRouter:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def down(self) -> bool:
+        """Gone or not answering /health. Not alive() alone: a killed router's connections
+        reset before its process can be reaped."""
+        if not self.alive():
+            return True
+        try:
+            return requests.get(self.url + "/health", timeout=10).status_code != 200
+        except requests.RequestException:
+            return True
+
     def wait_until_ready(self, urls: Optional[List[str]] = None) -> None:
         """Until the router lists each of `urls` (default: every server) as a healthy worker
         (it registers workers in the background after it starts)."""
