@@ -183,12 +183,12 @@ def run_engines(args, cfg, model, work):
                for n in torch.randint(args.min_len, args.max_len + 1, (args.prompts,), generator=g)]
     sp = SamplingParams(temperature=args.temperature, max_new_tokens=args.new_tokens)
     gen, sync = {}, {}
-    builtin = BuiltinEngine(model, vocab_size=args.vocab, seed=0)
-    for name, make in (("builtin", lambda: lambda ps: [len(s.output_ids)
-                                                       for s in builtin.generate(ps, sp)]),
-                       ("hf", lambda: hf_generate_fn(hf_dir, sp))):
-        if not args.sync_only:
-            gen[name] = timed_generate(make(), prompts, args.gen_repeats, args.new_tokens)
+    if not args.sync_only:
+        builtin = BuiltinEngine(model, vocab_size=args.vocab, seed=0)
+        for name, fn in (("builtin", lambda ps: [len(s.output_ids)
+                                                 for s in builtin.generate(ps, sp)]),
+                         ("hf", hf_generate_fn(hf_dir, sp))):
+            gen[name] = timed_generate(fn, prompts, args.gen_repeats, args.new_tokens)
             print(f"{name}: {gen[name][0]:.0f} tokens/s", flush=True)
 
     scfg = SGLangConfig(python=args.sglang_python, dtype="float32", startup_timeout_s=300,

@@ -267,15 +267,8 @@ class SGLangEngine:
     def _down_behind_router(self) -> List[int]:
         """After a request through the router failed: the live servers that are gone or do not
         answer /health (which one served the request, the router does not say)."""
-        def down(index: int) -> bool:
-            if not self.servers[index].alive():
-                return True
-            try:
-                return requests.get(self.servers[index].url + "/health",
-                                    timeout=30).status_code != 200
-            except requests.RequestException:
-                return True
-        return [i for i in range(len(self.servers)) if i not in self.stale and down(i)]
+        return [i for i, server in enumerate(self.servers)
+                if i not in self.stale and server.down()]
 
     def _on_all(self, route: str, payload: Optional[dict] = None) -> List[dict]:
         return [self._post(i, route, payload) for i in range(len(self.servers))]

@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import requests
 
@@ -81,6 +81,36 @@ def stop_process_group(process: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
         break
+
+
+def answers(url: str, timeout_s: float) -> bool:
+    """GET url answers 200 within timeout_s."""
+    try:
+        return requests.get(url, timeout=timeout_s).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def wait_until(owner, ready: Callable[[], bool], timeout_s: float, what: str,
+               poll_s: float) -> None:
+    """Poll ready() every poll_s until it holds; raise EngineError with owner's log tail when
+    owner's process exits first, or (after stopping it) when timeout_s passes. owner: an
+    SGLangServer or SGLangRouter (process, alive, stop, log_path)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not owner.alive():
+            raise EngineError(f"{what} exited with code "
+                              f"{owner.process.returncode if owner.process else None} while "
+                              f"starting; {owner.log_path}:\n{log_tail(owner.log_path)}")
+        try:
+            if ready():
+                return
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            pass  # not listening yet, or an answer from before it is up
+        time.sleep(poll_s)
+    owner.stop()
+    raise EngineError(f"{what} was not ready after {timeout_s:.0f} s; {owner.log_path}:\n"
+                      f"{log_tail(owner.log_path)}")
 
 
 def clean_env() -> dict:
@@ -167,31 +197,19 @@ class SGLangServer:
 
     def alive(self) -> bool:
         if self.remote:
-            try:
-                return requests.get(self.url + "/health", timeout=10).status_code == 200
-            except requests.RequestException:
-                return False
+            return answers(self.url + "/health", 10)
         return self.process is not None and self.process.poll() is None
+
+    def down(self) -> bool:
+        """Gone or not answering /health: a restart would mend it."""
+        return not self.alive() or not answers(self.url + "/health", 30)
 
     def wait_until_ready(self, timeout_s: Optional[float] = None) -> None:
         """Until /health_generate answers 200 (a real one-token generation), or raise with the
         log's tail when the process exits or the timeout passes."""
-        deadline = time.monotonic() + (timeout_s or self.cfg.startup_timeout_s)
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise EngineError(f"SGLang server on port {self.port} exited with code "
-                                  f"{self.process.returncode if self.process else None} "
-                                  f"while starting; {self.log_path}:\n{log_tail(self.log_path)}")
-            try:
-                if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1.0)
-        self.stop()
-        raise EngineError(f"SGLang server on port {self.port} was not ready after "
-                          f"{timeout_s or self.cfg.startup_timeout_s:.0f} s; "
-                          f"{self.log_path}:\n{log_tail(self.log_path)}")
+        wait_until(self, lambda: answers(self.url + "/health_generate", 30),
+                   timeout_s or self.cfg.startup_timeout_s, f"SGLang server on port {self.port}",
+                   poll_s=1.0)
 
     def stop(self) -> None:
         process, self.process = self.process, None
@@ -246,33 +264,18 @@ class SGLangRouter:
     def down(self) -> bool:
         """Gone or not answering /health. Not alive() alone: a killed router's connections
         reset before its process can be reaped."""
-        if not self.alive():
-            return True
-        try:
-            return requests.get(self.url + "/health", timeout=10).status_code != 200
-        except requests.RequestException:
-            return True
+        return not self.alive() or not answers(self.url + "/health", 10)
 
     def wait_until_ready(self, urls: Optional[List[str]] = None) -> None:
         """Until the router lists each of `urls` (default: every server) as a healthy worker
         (it registers workers in the background after it starts)."""
         wanted = set(self.worker_urls if urls is None else urls)
-        deadline = time.monotonic() + self.cfg.startup_timeout_s
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise EngineError(f"sglang_router exited while starting; {self.log_path}:\n"
-                                  f"{log_tail(self.log_path)}")
-            try:
-                workers = requests.get(self.url + "/workers", timeout=10).json()["workers"]
-                if wanted <= {w["url"] for w in workers if w.get("is_healthy")}:
-                    return
-            except (requests.RequestException, ValueError, KeyError, TypeError):
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise EngineError(f"sglang_router did not list {sorted(wanted)} as healthy after "
-                          f"{self.cfg.startup_timeout_s:.0f} s; {self.log_path}:\n"
-                          f"{log_tail(self.log_path)}")
+
+        def listed_healthy() -> bool:
+            workers = requests.get(self.url + "/workers", timeout=10).json()["workers"]
+            return wanted <= {w["url"] for w in workers if w.get("is_healthy")}
+        wait_until(self, listed_healthy, self.cfg.startup_timeout_s,
+                   f"sglang_router (waiting for {sorted(wanted)})", poll_s=0.5)
 
     def restart(self, urls: Optional[List[str]] = None) -> None:
         self.stop()
