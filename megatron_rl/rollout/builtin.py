@@ -11,11 +11,22 @@ then every step feeds each sequence its next prompt token while it is still in i
 sampled token afterwards (megatron's static-batch scheme), which costs one decode step per token
 of length difference.
 
+Decode steps do not go through GPTModel.forward: on CPU its per-step cost is mostly Python and
+small ops around the matmuls (megatron's static cache keeps keys before RoPE, so every step
+rotates the whole key cache in every layer, and repeats it over the query heads of each group).
+`_decode_stage` runs one token per sequence through the same modules -- embedding, norms, QKV
+projection with its split and q/k norms, megatron's RoPE, output projection, MLP, output layer,
+so tensor parallelism stays theirs -- and only the attention over the cache is written here, on
+a cache of rotated keys laid out [batch, group, position, head dim] so each group's queries
+attend to its keys with one batched matmul. The prompt pass is GPTModel.forward with megatron's
+StaticInferenceContext; its keys are rotated once into that cache.
+
 Tensor parallel: logits come out split over the vocabulary; they are gathered on every TP rank
 and every rank samples with the same seeded generator, so all ranks agree on the tokens.
 Pipeline parallel: each step's hidden states go stage to stage (send/recv), the last stage
 samples, and it broadcasts the new tokens and their log-probs to the other stages.
 """
+import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -70,24 +81,93 @@ class BuiltinEngine:
         """The engine reads the training weights in place; only the version moves."""
         self.weight_version += 1
 
-    def _forward(self, model, tokens, positions, mask, context):
-        """One forward over the pipeline: logits [b, s, V/TP] on the last stage, None elsewhere."""
+    def _pipeline(self, model, stage, batch, width):
+        """Run stage(hidden_in) on this pipeline stage: hidden_in is None on the first stage, the
+        previous stage's output [width, batch, hidden] elsewhere. Returns the last stage's
+        output, None on the others."""
         from megatron.core import parallel_state as mpu
 
         if mpu.get_pipeline_model_parallel_world_size() == 1:
-            return model(tokens, positions, mask, inference_context=context)
-        b, s = tokens.shape
+            return stage(None)
+        hidden = None
         if not mpu.is_pipeline_first_stage():
-            hidden = torch.empty(s, b, model.config.hidden_size,
-                                 dtype=model.config.pipeline_dtype, device=tokens.device)
+            hidden = torch.empty(width, batch, model.config.hidden_size,
+                                 dtype=model.config.pipeline_dtype,
+                                 device=next(model.parameters()).device)
             torch.distributed.recv(hidden, src=mpu.get_pipeline_model_parallel_prev_rank())
-            model.set_input_tensor(hidden)
-        output = model(tokens, positions, mask, inference_context=context)
+        output = stage(hidden)
         if not mpu.is_pipeline_last_stage():
             torch.distributed.send(output.contiguous(),
                                    dst=mpu.get_pipeline_model_parallel_next_rank())
             return None
         return output
+
+    @staticmethod
+    def _prefill_stage(model, hidden, tokens, positions, mask, context):
+        """GPTModel.forward over the prompts: logits [b, s, V/TP] on the last stage."""
+        if hidden is not None:
+            model.set_input_tensor(hidden)
+        return model(tokens, positions, mask, inference_context=context)
+
+    @staticmethod
+    def _rotated_cache(model, context, prompt_width, total, freqs):
+        """Per layer of this stage, (keys, values) [b, groups, total, head dim] holding the
+        prompt pass's keys (rotated here: megatron caches them unrotated) and values."""
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+        cache = []
+        for layer in model.decoder.layers:
+            attn = layer.self_attention
+            keys, values = context.key_value_memory_dict[layer.layer_number]
+            keys = apply_rotary_pos_emb(keys[:prompt_width], freqs[:prompt_width], attn.config,
+                                        mscale=attn._yarn_concentration_factor,
+                                        cp_group=attn.pg_collection.cp)
+            b, groups, dim = keys.shape[1], keys.shape[2], keys.shape[3]
+            k = keys.new_zeros(b, groups, total, dim)
+            v = values.new_zeros(b, groups, total, values.shape[3])
+            k[:, :, :prompt_width] = keys.permute(1, 2, 0, 3)
+            v[:, :, :prompt_width] = values[:prompt_width].permute(1, 2, 0, 3)
+            cache.append((k, v))
+        return cache
+
+    @staticmethod
+    def _decode_stage(model, hidden, ids, t, cache, freqs, hidden_keys):
+        """One token per sequence at column t through this stage's layers, with the cache of
+        columns < t; writes column t of the cache. hidden_keys: [b, 1, 1, t + 1] True where a
+        key is padding, or None. Logits [b, 1, V/TP] on the last stage, [1, b, h] elsewhere."""
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+        if hidden is None:
+            hidden = model.embedding(input_ids=ids[:, None], position_ids=None)
+        freq = freqs[t: t + 1]
+        batch = ids.shape[0]
+        for layer, (keys, values) in zip(model.decoder.layers, cache):
+            attn = layer.self_attention
+            query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden))
+            rope = dict(config=attn.config, mscale=attn._yarn_concentration_factor,
+                        cp_group=attn.pg_collection.cp)
+            query = apply_rotary_pos_emb(query, freq, **rope)
+            keys[:, :, t] = apply_rotary_pos_emb(key, freq, **rope)[0]
+            values[:, :, t] = value[0]
+            heads, groups, dim = query.shape[2], keys.shape[1], query.shape[3]
+            # [b, groups, heads per group, dim] x [b, groups, dim, t + 1]: GQA without a repeat
+            scores = torch.matmul(query[0].view(batch, groups, heads // groups, dim),
+                                  keys[:, :, : t + 1].transpose(-1, -2))
+            scores *= attn.config.softmax_scale or 1.0 / math.sqrt(dim)
+            if hidden_keys is not None:
+                scores.masked_fill_(hidden_keys, float("-inf"))
+            context = torch.matmul(scores.softmax(-1), values[:, :, : t + 1])
+            out, bias = attn.linear_proj(context.reshape(1, batch, heads * dim))
+            hidden = hidden + (out if bias is None else out + bias)
+            out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
+            hidden = hidden + (out if bias is None else out + bias)
+        if not model.post_process:
+            return hidden
+        hidden = model.decoder.final_layernorm(hidden)
+        weight = (model.shared_embedding_or_output_weight()
+                  if model.share_embeddings_and_output_weights else None)
+        logits, _ = model.output_layer(hidden, weight=weight)
+        return logits.transpose(0, 1)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -133,22 +213,22 @@ class BuiltinEngine:
 
         was_training = model.training
         model.eval()
-        context = StaticInferenceContext(batch, total)
         start = int(prompt_end.min())
         try:
+            context = StaticInferenceContext(batch, start)
+            mask = None if hidden is None else (
+                hidden[:, None, None, :start] | torch.ones(start, start, dtype=torch.bool,
+                                                           device=device).triu(1))
+            logits = self._pipeline(model, lambda h: self._prefill_stage(
+                model, h, tokens[:, :start], positions[:, :start], mask, context), batch, start)
+            freqs = model.rotary_pos_emb(total)
+            cache = self._rotated_cache(model, context, start, total, freqs)
+            del context
             for t in range(start, total):
-                if t == start:
-                    mask = None if hidden is None else (
-                        hidden[:, None, None, :t] | torch.ones(t, t, dtype=torch.bool,
-                                                               device=device).triu(1))
-                    logits = self._forward(model, tokens[:, :t], positions[:, :t], mask, context)
-                    context.sequence_len_offset += t
-                    context.enable_decode_mode()
-                else:
-                    mask = None if hidden is None else hidden[:, None, None, :t]
-                    logits = self._forward(model, tokens[:, t - 1: t], positions[:, t - 1: t],
-                                           mask, context)
-                    context.sequence_len_offset += 1
+                if t > start:  # feed column t - 1, get the logits for column t
+                    keys_hidden = None if hidden is None else hidden[:, None, None, :t]
+                    logits = self._pipeline(model, lambda h: self._decode_stage(
+                        model, h, tokens[:, t - 1], t - 1, cache, freqs, keys_hidden), batch, 1)
                 if logits is not None:  # the last pipeline stage samples
                     logits = gather_from_tensor_model_parallel_region(logits[:, -1].float())
                     logits = logits[:, : self.vocab_size]
