@@ -129,6 +129,8 @@ def main():
         parser.add_argument(f"--{flag}", type=type(default), default=default)
     parser.add_argument("--gen-repeats", type=int, default=3, help="timed calls per engine")
     parser.add_argument("--sync-repeats", type=int, default=3)
+    parser.add_argument("--bucket-mb", type=float, default=None,
+                        help="rollout.sglang.bucket_mb for the sync (default: the config's)")
     parser.add_argument("--sync-only", action="store_true",
                         help="skip generation (weight sync at larger model sizes)")
     parser.add_argument("--sglang-python", default=os.path.join(ROOT, ".venv-sglang/bin/python"))
@@ -191,7 +193,8 @@ def run_engines(args, cfg, model, work):
             gen[name] = timed_generate(fn, prompts, args.gen_repeats, args.new_tokens)
             print(f"{name}: {gen[name][0]:.0f} tokens/s", flush=True)
 
-    scfg = SGLangConfig(python=args.sglang_python, dtype="float32", startup_timeout_s=300,
+    bucket = {} if args.bucket_mb is None else {"bucket_mb": args.bucket_mb}
+    scfg = SGLangConfig(python=args.sglang_python, dtype="float32", startup_timeout_s=300, **bucket,
                         max_total_tokens=max(4096, 2 * args.prompts * (args.max_len +
                                                                        args.new_tokens)))
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ class SGLangConfig:
     # tensor: shared-memory handles (CUDA IPC on GPU), for colocated engines;
     # disk: an HF folder written by rank 0 and loaded by each engine.
     weight_sync: Literal["distributed", "tensor", "disk"] = "distributed"
-    bucket_mb: int = 512
+    bucket_mb: float = 512.0  # fractions of a MiB too (tests sync tiny models in several buckets)
     # How generation requests reach the engines: "sglang_router" puts sglang_router (installed
     # in the SGLang python) in front of them; "least_loaded" has the client send each request
     # to the server with the fewest in flight; "auto": the router where it is installed and
@@ -48,8 +48,9 @@ class SGLangConfig:
             raise ValueError(f"rollout.sglang.host={self.host!r} would expose the engines' "
                              f"weight-update endpoints on every interface; give 127.0.0.1 or "
                              f"the cluster interface's address")
-        if self.bucket_mb < 1 or self.max_restarts < 0:
-            raise ValueError("rollout.sglang.bucket_mb must be >= 1 and max_restarts >= 0")
+        if not self.bucket_mb > 0 or self.max_restarts < 0:
+            raise ValueError(f"rollout.sglang.bucket_mb must be > 0 (got {self.bucket_mb}) and "
+                             f"max_restarts >= 0 (got {self.max_restarts})")
 
 
 @dataclass

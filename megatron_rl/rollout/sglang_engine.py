@@ -408,7 +408,8 @@ class SGLangEngine:
                        method: Optional[str] = None, engines: Optional[List[int]] = None,
                        disk_dir: Optional[str] = None) -> dict:
         """Load new weights (HF names, full tensors; read once, bucket by bucket, each bucket
-        going to every engine) and set the engines' weight version. Returns bytes and seconds.
+        going to every engine) and set the engines' weight version. Returns bytes, seconds and
+        buckets (0 for disk).
         An engine that dies meanwhile drops out of this sync and is restarted after it (getting
         the new weights through on_restart): the caller's weights are read exactly once."""
         method = method or self.cfg.weight_sync
@@ -432,28 +433,30 @@ class SGLangEngine:
         # came from the old weights), without torch_empty_cache: a separate /flush_cache would
         # also empty the allocator, which on CPU is a gc.collect() of 0.5-1.5 s per sync.
         last = {"flush_cache": True, "weight_version": str(version), "torch_empty_cache": False}
-        t0, sent = time.perf_counter(), 0
+        t0, sent, count = time.perf_counter(), 0, 0
         if method == "disk":
             sent = self._write_for_disk(named_tensors, disk_dir)
             on_each(lambda i: self._post(i, "/update_weights_from_disk",
                                          {"model_path": disk_dir, **last}))
         else:
             on_each(lambda i: self._post(i, "/begin_weight_update"))
-            loading = lambda: None  # noqa: E731  waits for the servers to load the last bucket
-            with ThreadPoolExecutor(len(self.servers)) as pool:
+            replies = []  # waits for each bucket's replies: a server answers once it has loaded
+            # two request threads per server: the next bucket's request can go out while the
+            # previous one still waits for its reply
+            with ThreadPoolExecutor(2 * len(self.servers)) as pool:
                 for bucket, is_last in _with_last(buckets(named_tensors,
-                                                          self.cfg.bucket_mb << 20)):
+                                                          int(self.cfg.bucket_mb * 2**20))):
                     sent += sum(t.numel() * t.element_size() for _, t in bucket)
+                    count += 1
                     finish = last if is_last else {"flush_cache": False}
                     if method == "distributed":
-                        flat = self._flatten(bucket)  # while the servers load the previous one
-                        loading()
-                        loading = self._send_distributed(on_each, pool, bucket, flat, finish)
+                        replies.append(self._send_distributed(on_each, pool, bucket, finish))
                     else:
                         payload = [_share_for_http(bucket)] * self.cfg.tp_size
                         on_each(lambda i: self._post(i, "/update_weights_from_tensor", {
                             "serialized_named_tensors": payload, **finish}))
-                loading()
+                for wait in replies:
+                    wait()
             on_each(lambda i: self._post(i, "/end_weight_update"))
         for index in engines:
             if index not in failed:
@@ -462,7 +465,8 @@ class SGLangEngine:
         self.weight_version = version
         for index, reason in sorted(failed.items()):
             self.restart(index, reason)
-        return {"bytes": sent, "seconds": time.perf_counter() - t0, "method": method}
+        return {"bytes": sent, "seconds": time.perf_counter() - t0, "method": method,
+                "buckets": count}
 
     def _group(self, index: int) -> Tuple[dist.ProcessGroup, str]:
         if index not in self._groups:
@@ -495,10 +499,12 @@ class SGLangEngine:
 
     def _send_distributed(self, on_each: Callable[[Callable[[int], object]], None],
                           pool: ThreadPoolExecutor, bucket: List[Tuple[str, torch.Tensor]],
-                          flat: torch.Tensor, finish: dict) -> Callable[[], None]:
-        """One bucket to every engine: the request, then the broadcast over the engine's group.
-        Returns the wait for the replies (each server answers once it has loaded the bucket),
-        so that the caller packs the next bucket meanwhile."""
+                          finish: dict) -> Callable[[], None]:
+        """One bucket to every engine: the request first, so that each server allocates its
+        receive buffer (fresh memory, page faults on CPU) while this process packs the bucket,
+        then the broadcast over the engine's group. Returns the wait for the replies: the
+        servers load the bucket while the caller packs and sends the next one (a server takes
+        requests in order; the next request waits for the previous load)."""
         request = {"names": [n for n, _ in bucket],
                    "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
                    "shapes": [list(t.shape) for _, t in bucket],
@@ -507,6 +513,7 @@ class SGLangEngine:
         on_each(lambda i: replies.__setitem__(i, pool.submit(
             self._post, i, "/update_weights_from_distributed",
             {**request, "group_name": self._group(i)[1]})))
+        flat = self._flatten(bucket)
         on_each(lambda i: dist.broadcast(flat, group=self._group(i)[0], group_src=0))
         return lambda: on_each(lambda i: replies[i].result())
 

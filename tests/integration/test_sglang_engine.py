@@ -94,16 +94,22 @@ def test_sampled_logprobs_match_megatron(served):
                                    atol=5e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["distributed", "tensor", "disk"])
-def test_weight_sync_lands_new_weights(served, method):
+# bucket_mb 0.02 (20 KiB) splits the ~110 KiB model into several buckets: each server then has
+# the next bucket's request queued while it still loads the previous one
+@pytest.mark.parametrize("method,bucket_mb", [("distributed", 512), ("distributed", 0.02),
+                                              ("tensor", 0.02), ("disk", 512)])
+def test_weight_sync_lands_new_weights(served, method, bucket_mb, monkeypatch):
     cfg, model, engine = served
+    monkeypatch.setattr(engine.cfg, "bucket_mb", bucket_mb)
     before = engine.prompt_logprobs(PROMPTS)
-    perturb(model, seed=hash(method) % 1000)
+    perturb(model, seed=hash((method, bucket_mb)) % 1000)
     version = engine.weight_version + 1
     report = engine.update_weights(hf_weights(model, cfg.model), version, method=method,
                                    disk_dir=engine.disk_dir)
     assert report["bytes"] == sum(p.numel() * 4 for p in model.parameters()) - \
         (model.embedding.word_embeddings.weight.shape[0] - VOCAB) * cfg.model.hidden_size * 4
+    if method != "disk":
+        assert (report["buckets"] == 1) if bucket_mb == 512 else (report["buckets"] > 4)
     after = engine.prompt_logprobs(PROMPTS)
     for ids, old, new in zip(PROMPTS, before, after):
         if len(ids) < 2:
