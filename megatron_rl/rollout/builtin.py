@@ -50,15 +50,36 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+SAMPLE_BLOCK = 1024  # vocabulary entries per block of the two-level inverse-CDF draw
+
+
 def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One index per row, drawn with probability probs[row, i]: the exponential race
-    argmax_i p_i / E_i with E_i = -log U_i ~ Exp(1) (the Gumbel-max trick), computed as
-    argmax_i log(U_i) / p_i. One pass over the vocabulary; torch.multinomial and
-    Tensor.exponential_ each took a fifth of a CPU decode step, torch.rand + log a twentieth.
-    U < 1, so log U < 0 and a masked token (p = 0) scores -inf: never drawn."""
-    uniform = torch.rand(probs.shape, generator=generator, dtype=probs.dtype,
-                         device=probs.device)
-    return (uniform.log_() / probs).argmax(-1)
+    """One index per row, drawn with probability probs[row, i] / probs[row].sum(), by inverse
+    CDF with one uniform per row: first a block of SAMPLE_BLOCK entries by the float64 running
+    sum of block masses, then an entry of that block by its own float64 running sum. A float32
+    running sum over the whole row would round away entries below its last bit (~6e-8 of the
+    mass: a vocabulary of 152k has many), and one in float64 takes 10x as long; the exponential
+    race used before drew one uniform per entry: 33 ms a step at 32 rows x 152k.
+    Entries of probability 0 are never drawn."""
+    rows, width = probs.shape
+    full = width // SAMPLE_BLOCK
+    # block masses in float32 (each off by ~1e-7 of itself), their running sum in float64
+    masses = (probs.unfold(1, SAMPLE_BLOCK, SAMPLE_BLOCK).sum(-1) if full  # a view, no copy
+              else probs.new_zeros(rows, 0))
+    if width % SAMPLE_BLOCK:
+        masses = torch.cat([masses, probs[:, full * SAMPLE_BLOCK:].sum(-1, keepdim=True)], 1)
+    block_cdf = masses.double().cumsum(-1)
+    target = torch.rand(rows, 1, generator=generator, dtype=torch.float64,
+                        device=probs.device) * block_cdf[:, -1:]
+    # right=True: the first block whose running sum exceeds the target, so one with mass
+    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+    columns = block * SAMPLE_BLOCK + torch.arange(SAMPLE_BLOCK, device=probs.device)
+    inside = probs.gather(1, columns.clamp(max=width - 1)).masked_fill_(columns >= width, 0.0)
+    entry = torch.searchsorted(inside.double().cumsum(-1), target - before, right=True)
+    # round-off can put the target at the block's very end: take its last entry with mass
+    last = SAMPLE_BLOCK - 1 - (inside > 0).flip(-1).int().argmax(-1, keepdim=True)
+    return (block * SAMPLE_BLOCK + torch.minimum(entry, last))[:, 0]
 
 
 class BuiltinEngine:

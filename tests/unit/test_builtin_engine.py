@@ -82,15 +82,25 @@ def test_filter_logits():
     torch.testing.assert_close(top_k, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
 
 
-def test_sample_from_draws_each_token_with_its_probability():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+@pytest.mark.parametrize("layout", ["one_block", "blocks"])
+def test_sample_from_draws_each_token_with_its_probability(layout):
+    if layout == "one_block":
+        probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    else:  # 3 blocks of 1024 (the last one padded), a block without mass, 500 small entries
+        probs = torch.zeros(2900)
+        probs[3], probs[2050], probs[2051:2551] = 0.4, 0.3, 0.3 / 500
+        probs *= 2.0  # need not sum to 1
     draws = 200_000
     picks = sample_from(probs.expand(draws, -1).contiguous(),
                         torch.Generator().manual_seed(0))
-    freq = torch.bincount(picks, minlength=5).double() / draws
-    sigma = (probs.double() * (1 - probs.double()) / draws).sqrt()
-    assert freq[4] == 0  # a masked token is never drawn
-    assert ((freq - probs.double()).abs() <= 5 * sigma + 1e-12).all(), freq
+    p = probs.double() / probs.double().sum()
+    freq = torch.bincount(picks, minlength=len(p)).double() / draws
+    assert (freq[p == 0] == 0).all()  # masked (and padded) entries are never drawn
+    if layout == "blocks":  # the small entries as one group, and the three masses
+        p = torch.stack([p[3], p[2050], p[2051:2551].sum()])
+        freq = torch.stack([freq[3], freq[2050], freq[2051:2551].sum()])
+    sigma = (p * (1 - p) / draws).sqrt()
+    assert ((freq - p).abs() <= 5 * sigma + 1e-12).all(), freq
 
 
 def test_bad_requests(model):
