@@ -82,9 +82,10 @@ def test_filter_logits():
     torch.testing.assert_close(top_k, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
 
 
-@pytest.mark.parametrize("layout", ["one_block", "blocks"])
+@pytest.mark.parametrize("layout", ["race", "blocks"])
 def test_sample_from_draws_each_token_with_its_probability(layout):
-    if layout == "one_block":
+    # 5 entries: the exponential race; 2900 (> RACE_MAX_WIDTH): the blocked inverse CDF
+    if layout == "race":
         probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
     else:  # 3 blocks of 1024 (the last one padded), a block without mass, 500 small entries
         probs = torch.zeros(2900)
