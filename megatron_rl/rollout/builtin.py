@@ -1,6 +1,5 @@
-"""The built-in rollout engine: batched sampling on the megatron model itself, with megatron's
-static KV cache (StaticInferenceContext), for CPU runs and tests. No weight sync: it reads the
-training weights directly.
+"""The built-in rollout engine: batched sampling on the megatron model itself, with a KV cache,
+for CPU runs and tests. No weight sync: it reads the training weights directly.
 
 Prompts of different lengths share one batch. On CPU they are left-padded to the longest and the
 whole batch is prefilled at once, with an attention mask that hides the padding from every query
