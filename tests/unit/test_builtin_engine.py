@@ -91,9 +91,10 @@ def test_sample_from_draws_each_token_with_its_probability(layout):
         probs = torch.zeros(2900)
         probs[3], probs[2050], probs[2051:2551] = 0.4, 0.3, 0.3 / 500
         probs *= 2.0  # need not sum to 1
-    draws = 200_000
-    picks = sample_from(probs.expand(draws, -1).contiguous(),
-                        torch.Generator().manual_seed(0))
+    draws, generator = 200_000, torch.Generator().manual_seed(0)
+    # in chunks of 20k rows: 200k x 2900 at once would hold ~6 GB
+    picks = torch.cat([sample_from(probs.expand(20_000, -1).contiguous(), generator)
+                       for _ in range(draws // 20_000)])
     p = probs.double() / probs.double().sum()
     freq = torch.bincount(picks, minlength=len(p)).double() / draws
     assert (freq[p == 0] == 0).all()  # masked (and padded) entries are never drawn
