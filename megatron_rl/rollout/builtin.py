@@ -90,6 +90,15 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return (block * SAMPLE_BLOCK + torch.minimum(entry, last))[:, 0]
 
 
+def _rope(attn, tensor: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """RoPE on [s, b, heads, dim] as megatron's Attention `attn` applies it (its mscale and CP
+    group): to the prompt pass's cached keys once, and to each decode step's query and key."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(tensor, freqs, attn.config, mscale=attn._yarn_concentration_factor,
+                                cp_group=attn.pg_collection.cp)
+
+
 class BuiltinEngine:
     """generate(prompts, params) -> samples, on this rank's shard of the policy model.
 
@@ -142,15 +151,11 @@ class BuiltinEngine:
     def _rotated_cache(model, context, prompt_width, total, freqs):
         """Per layer of this stage, (keys, values) [b, groups, total, head dim] holding the
         prompt pass's keys (rotated here: megatron caches them unrotated) and values."""
-        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-
         cache = []
         for layer in model.decoder.layers:
             attn = layer.self_attention
             keys, values = context.key_value_memory_dict[layer.layer_number]
-            keys = apply_rotary_pos_emb(keys[:prompt_width], freqs[:prompt_width], attn.config,
-                                        mscale=attn._yarn_concentration_factor,
-                                        cp_group=attn.pg_collection.cp)
+            keys = _rope(attn, keys[:prompt_width], freqs[:prompt_width])
             b, groups, dim = keys.shape[1], keys.shape[2], keys.shape[3]
             k = keys.new_zeros(b, groups, total, dim)
             v = values.new_zeros(b, groups, total, values.shape[3])
@@ -164,8 +169,6 @@ class BuiltinEngine:
         """One token per sequence at column t through this stage's layers, with the cache of
         columns < t; writes column t of the cache. hidden_keys: [b, 1, 1, t + 1] True where a
         key is padding, or None. Logits [b, 1, V/TP] on the last stage, [1, b, h] elsewhere."""
-        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-
         if hidden is None:
             hidden = model.embedding(input_ids=ids[:, None], position_ids=None)
         freq = freqs[t: t + 1]
@@ -173,10 +176,8 @@ class BuiltinEngine:
         for layer, (keys, values) in zip(model.decoder.layers, cache):
             attn = layer.self_attention
             query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden))
-            rope = dict(config=attn.config, mscale=attn._yarn_concentration_factor,
-                        cp_group=attn.pg_collection.cp)
-            query = apply_rotary_pos_emb(query, freq, **rope)
-            keys[:, :, t] = apply_rotary_pos_emb(key, freq, **rope)[0]
+            query = _rope(attn, query, freq)
+            keys[:, :, t] = _rope(attn, key, freq)[0]
             values[:, :, t] = value[0]
             heads, groups, dim = query.shape[2], keys.shape[1], query.shape[3]
             # [b, groups, heads per group, dim] x [b, groups, dim, t + 1]: GQA without a repeat
