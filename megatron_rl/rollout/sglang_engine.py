@@ -494,7 +494,7 @@ class SGLangEngine:
         next bucket (GPU memory is left to the caching allocator, and to training)."""
         flat = flatten_bucket(bucket, self._flat)
         if flat.device.type == "cpu":
-            self._flat = flat if flat._base is None else flat._base
+            self._flat = flat._base  # flatten_bucket returns a slice of its buffer
         return flat if self.servers[0].device == "cpu" else flat.cuda()
 
     def _send_distributed(self, on_each: Callable[[Callable[[int], object]], None],

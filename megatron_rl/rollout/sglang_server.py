@@ -8,6 +8,7 @@ import atexit
 import os
 import signal
 import subprocess
+import sys
 import time
 from typing import Callable, List, Optional
 
@@ -152,8 +153,6 @@ class SGLangServer:
         return server
 
     def command(self) -> List[str]:
-        import sys
-
         cfg = self.cfg
         cmd = [cfg.python or sys.executable, "-m", "sglang.launch_server",
                "--model-path", self.model_path, "--host", self.host, "--port", str(self.port),
@@ -189,7 +188,7 @@ class SGLangServer:
             env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
             # ...and glibc serves blocks above 32 MiB by mmap, so every sync's receive buffer
             # is fresh memory again; with mmap off and no trimming, a freed buffer stays in the
-            # heap and the next sync's reuses its pages (61 MiB sync: median 78 -> 62 ms)
+            # heap and the next sync's reuses its pages (61 MiB syncs: medians 76-80 -> 61-64 ms)
             env.setdefault("MALLOC_MMAP_MAX_", "0")
             env.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 40))
         self.process = spawn_logged(self.command(), env, self.log_path)
@@ -226,8 +225,6 @@ class SGLangServer:
 
 def router_installed(python: Optional[str]) -> bool:
     """Whether the SGLang interpreter has sglang_router (its Rust router)."""
-    import sys
-
     return subprocess.run([python or sys.executable, "-c", "import sglang_router.router"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
 
@@ -244,8 +241,6 @@ class SGLangRouter:
         self.url = ""
 
     def command(self, port: int) -> List[str]:
-        import sys
-
         return [self.cfg.python or sys.executable, "-m", "sglang_router.launch_router",
                 "--host", "127.0.0.1", "--port", str(port),
                 "--worker-urls", *self.worker_urls, "--policy", self.cfg.router_policy,
