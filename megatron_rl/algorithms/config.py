@@ -75,8 +75,10 @@ class AlgorithmConfig:
         for name in ("gamma", "lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 fail(name, "must be in [0, 1]")
-        if not 0.0 <= self.eps_low < 1.0:
-            fail("eps_low", "must be in [0, 1)")
+        # eps_low = 1 is the authors' Clip-Cov setting (clip_ratio_low = 1): the ratio's lower
+        # clip bound 1 - eps_low = 0 is never reached, so only the covariance clip acts.
+        if not 0.0 <= self.eps_low <= 1.0:
+            fail("eps_low", "must be in [0, 1]")
         if self.eps_high < 0.0:
             fail("eps_high", "must be >= 0")
         if self.rollout_is_cap is not None and self.rollout_is_cap < 1.0:
