@@ -75,7 +75,7 @@ class JobConfig:
                 f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}")
         if self.data.task == "dataset" and self.training.sft_steps:
             raise ConfigError("training.sft_steps: the supervised warm start exists for the "
-                              "built-in addition task only; set it to 0 with data.task=dataset")
+                              "built-in tasks only; set it to 0 with data.task=dataset")
         dp = p.data_parallel_size
         if self.rollout.prompts_per_step % dp:
             raise ConfigError(f"rollout.prompts_per_step={self.rollout.prompts_per_step} is not "

@@ -95,7 +95,6 @@ def main(argv=None):
     from megatron_rl.models.gpt import build_gpt_model
     from megatron_rl.parallel import state
     from megatron_rl.rewards.pool import RewardPool, load_reward_fn
-    from megatron_rl.rewards.synthetic import score as exact_score
     from megatron_rl.rollout import SamplingParams
     from megatron_rl.rollout.builtin import BuiltinEngine
     from megatron_rl.rollout.sglang_rollout import SGLangRollout
@@ -113,7 +112,7 @@ def main(argv=None):
     if cfg.model.vocab_size < task.vocab_size:
         raise SystemExit(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                          f"tokenizer's {task.vocab_size}")
-    # Verifiers other than exact match run in worker processes with a timeout (a hung or
+    # Verifiers other than the task's own ("exact") run in worker processes with a timeout (a hung or
     # crashing check scores 0 and is counted, never stalls the step).
     reward_pool = None if cfg.reward.fn == "exact" else RewardPool(
         load_reward_fn(cfg.reward.fn, cfg.reward.allowed_modules), cfg.reward.workers,
@@ -122,7 +121,7 @@ def main(argv=None):
 
     def score(responses, answers):
         if reward_pool is None:
-            return exact_score(responses, answers)
+            return task.score(responses, answers)
         rewards, counts = reward_pool.score(list(zip(responses, answers)))
         for key, value in counts.items():
             if key in reward_faults:

@@ -5,10 +5,11 @@ from typing import Literal, Optional
 
 @dataclass
 class DataConfig:
-    # "addition": the built-in synthetic task (its own tokenizer; model.vocab_size must cover
-    # it). "dataset": prompts from `path` (jsonl or parquet, verl/DAPO format) tokenized with the
-    # HF tokenizer in `tokenizer_dir` (docs/data_and_rewards.md).
-    task: Literal["addition", "dataset"] = "addition"
+    # "addition" / "clock_walk": the built-in synthetic tasks (data/synthetic.py; their own
+    # tokenizer, which model.vocab_size must cover). "dataset": prompts from `path` (jsonl or
+    # parquet, verl/DAPO format) tokenized with the HF tokenizer in `tokenizer_dir`
+    # (docs/data_and_rewards.md).
+    task: Literal["addition", "clock_walk", "dataset"] = "addition"
     path: Optional[str] = None
     prompt_key: str = "prompt"
     answer_key: str = "reward_model.ground_truth"  # dotted path into nested fields
@@ -17,14 +18,24 @@ class DataConfig:
     on_invalid: Literal["error", "skip"] = "error"  # bad rows: stop naming the row, or count and skip
     apply_chat_template: bool = True
     digits: int = 2  # operand digits of the addition task
-    seed: int = 0
-    eval_prompts: int = 64  # held-out prompts for greedy validation accuracy
-    eval_seed: int = 999_983  # disjoint stream from the training prompts
+    walk_steps: int = 5  # digits a clock_walk response adds (5 tokens each)
+    walk_digits: int = 4  # how many digits (of 1-9) a clock_walk prompt allows
+    seed: int = 0  # the order of the training prompt stream
+    # held-out prompts for validation accuracy; clock_walk takes them from a set of problems
+    # disjoint from training's (data/synthetic.py clock_walk_split), cut by eval_seed
+    eval_prompts: int = 64
+    eval_seed: int = 999_983
 
     def __post_init__(self):
         if self.task == "dataset" and (self.path is None or self.tokenizer_dir is None):
             raise ValueError("data.task=dataset needs data.path and data.tokenizer_dir")
         if self.max_prompt_tokens < 1:
             raise ValueError("data.max_prompt_tokens must be >= 1")
+        if not 2 <= self.walk_steps <= 8:
+            raise ValueError(f"data.walk_steps must be in [2, 8], got {self.walk_steps}")
+        if not 2 <= self.walk_digits <= 8:
+            raise ValueError(f"data.walk_digits must be in [2, 8], got {self.walk_digits}")
+        if self.eval_prompts < 1:
+            raise ValueError(f"data.eval_prompts must be >= 1, got {self.eval_prompts}")
         if not 1 <= self.digits <= 6:
             raise ValueError(f"data.digits must be in [1, 6], got {self.digits}")

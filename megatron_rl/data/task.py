@@ -1,9 +1,14 @@
 """What the RL loop needs from a task: token ids of each step's prompts with their answers,
-held-out prompts, how to read a response, and the vocabulary the model must cover."""
+held-out prompts, how to read and score a response, the vocabulary the model must cover, and
+for the built-in tasks the demonstrations of the supervised warm start."""
+import functools
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
-from megatron_rl.data.synthetic import CharTokenizer, addition_prompts
+from megatron_rl.data.synthetic import (CharTokenizer, addition_problems, addition_prompts,
+                                        clock_walk_demonstrations, clock_walk_prompts,
+                                        clock_walk_reward, clock_walk_split, draw)
+from megatron_rl.rewards.synthetic import score as exact_score
 
 Prompt = Tuple[List[int], str]  # (prompt token ids, ground-truth answer)
 
@@ -16,6 +21,10 @@ class Task:
     prompts_for_step: Callable[[int, int], List[Prompt]]  # (step, count) -> prompts
     eval_prompts: List[Prompt]
     skipped_rows: dict
+    # (responses, answers) -> rewards, in the trainer process (reward.fn = "exact")
+    score: Callable[[Sequence[str], Sequence[str]], List[float]] = exact_score
+    # (count, seed) -> (prompt text, response text) pairs for the warm start; None: no warm start
+    demonstrations: Optional[Callable[[int, int], List[Tuple[str, str]]]] = None
 
 
 def build_task(cfg, step_seed: Callable[..., int]) -> Task:
@@ -27,7 +36,21 @@ def build_task(cfg, step_seed: Callable[..., int]) -> Task:
             prompts_for_step=lambda step, count: addition_prompts(
                 count, d.digits, step_seed(d.seed, step), tokenizer),
             eval_prompts=addition_prompts(d.eval_prompts, d.digits, d.eval_seed, tokenizer),
-            skipped_rows={})
+            skipped_rows={},
+            demonstrations=lambda count, seed: addition_problems(count, d.digits, seed))
+    if d.task == "clock_walk":
+        tokenizer = CharTokenizer()
+        train, held_out = clock_walk_split(d.walk_steps, d.walk_digits, d.eval_prompts,
+                                           d.eval_seed)
+        reward = functools.partial(clock_walk_reward, steps=d.walk_steps)
+        return Task(
+            vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, decode=tokenizer.decode,
+            prompts_for_step=lambda step, count: clock_walk_prompts(
+                draw(train, count, step_seed(d.seed, step)), tokenizer),
+            eval_prompts=clock_walk_prompts(held_out, tokenizer), skipped_rows={},
+            score=lambda responses, answers: [reward(r, a) for r, a in zip(responses, answers)],
+            demonstrations=lambda count, seed: clock_walk_demonstrations(
+                train, count, d.walk_steps, seed))
     from megatron_rl.data.prompts import load_prompt_dataset, load_tokenizer
 
     tokenizer = load_tokenizer(d.tokenizer_dir)

@@ -5,7 +5,8 @@ from typing import List, Optional
 
 @dataclass
 class RewardConfig:
-    # "exact" (the synthetic tasks; scored in the trainer process), "math" (math-verify) or
+    # "exact" (the task's own check: exact match of the answer, or clock_walk's path check;
+    # scored in the trainer process), "math" (math-verify) or
     # "package.module:function" of a user module listed in allowed_modules. Everything but
     # "exact" runs in worker processes with a timeout and a memory cap.
     fn: str = "exact"

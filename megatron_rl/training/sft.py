@@ -1,9 +1,10 @@
-"""Supervised warm start of the policy on the built-in task, cached by its settings.
+"""Supervised warm start of the policy on a built-in task, cached by its settings.
 
-RL from a random tiny model would wait long for a first reward; a short SFT gives it a policy
-that is sometimes right. The result is a layout-independent megatron checkpoint under
-training.cache_dir, keyed by everything that shapes it, so later runs (and the three runs of the
-README's comparison) load it instead of training again.
+RL from a random tiny model would wait long for a first reward; a short SFT on the task's
+demonstrations gives it a policy that is sometimes right. The result is a layout-independent
+megatron checkpoint under training.cache_dir, keyed by everything that shapes it and nothing
+else (not the RL seeds or the prompt order), so later runs -- every method and seed of the
+README's comparison -- load it instead of training again.
 """
 import dataclasses
 import hashlib
@@ -15,15 +16,24 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.checkpointing.model import load_model, save_model
-from megatron_rl.data.synthetic import CharTokenizer, addition_problems, supervised_batch
+from megatron_rl.data.synthetic import CharTokenizer, supervised_batch
+from megatron_rl.data.task import build_task
 from megatron_rl.training.config import TrainingConfig
 from megatron_rl.training.optimizer import build_optimizer
 from megatron_rl.training.step import train_step
 
 
 def sft_cache_key(cfg) -> str:
-    t = cfg.training
-    keyed = dict(model=dataclasses.asdict(cfg.model), data=dataclasses.asdict(cfg.data),
+    t, d = cfg.training, cfg.data
+    # The task's problems and the held-out split shape the demonstrations; data.seed (the RL
+    # prompt order) does not.
+    task_keys = dict(task=d.task, digits=d.digits) if d.task == "addition" else dict(
+        task=d.task, walk_steps=d.walk_steps, walk_digits=d.walk_digits, eval_prompts=d.eval_prompts,
+        eval_seed=d.eval_seed)
+    # A sample of the demonstrations themselves: a change of the task's format or of its
+    # demonstrator is a new cache entry, never a stale warm start.
+    sample = build_task(cfg, lambda *parts: 0).demonstrations(4, t.seed)
+    keyed = dict(model=dataclasses.asdict(cfg.model), data=task_keys, sample=sample,
                  steps=t.sft_steps, lr=t.sft_lr, batch=t.sft_batch_size, seed=t.seed,
                  seq_length=t.seq_length)
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
@@ -40,12 +50,12 @@ def warm_start(model, cfg, info, log=print) -> str:
     sft_cfg = dataclasses.replace(t, lr=t.sft_lr, lr_warmup_steps=0, steps=t.sft_steps)
     optimizer = build_optimizer([model], sft_cfg, t.use_distributed_optimizer)
     tokenizer = CharTokenizer()
+    demonstrations = build_task(cfg, lambda *parts: 0).demonstrations
     per_rank = t.sft_batch_size // info.dp_size
     num_micro = max(per_rank // t.micro_batch_size, 1)
     losses = []
     for step in range(1, t.sft_steps + 1):
-        problems = addition_problems(t.sft_batch_size, cfg.data.digits,
-                                     seed=t.seed * 7919 + step)
+        problems = demonstrations(t.sft_batch_size, t.seed * 7919 + step)
         mine = problems[info.dp_rank * per_rank: (info.dp_rank + 1) * per_rank]
         tokens, labels, mask = supervised_batch(mine, tokenizer, t.seq_length)
         micro = [dict(tokens=a.to(info.device), labels=b.to(info.device),
