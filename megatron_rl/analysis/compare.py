@@ -35,6 +35,9 @@ FAILED_MARKER = "FAILED"
 SEED_KEYS = ("rollout.seed", "algorithm.seed", "data.seed", "training.output_dir")
 METHOD_ORDER = ("GRPO", "Clip-Cov", "KL-Cov", "Clip-higher", "entropy bonus", "ref-KL")
 ACCURACY_KEY = "eval_accuracy"
+# A run's law is fitted from this many (entropy, accuracy) points on (as the trainer's online fit):
+# two parameters through 2-3 points say nothing (R^2 = 1 at 2).
+MIN_LAW_POINTS = 4
 # (key, table row) of the per-seed numbers, in table order.
 SEED_QUANTITIES = (
     ("initial_entropy", "initial entropy"),
@@ -52,8 +55,9 @@ NOTES = {
     "final_entropy": "the last logged training entropy (the last step's batch), no averaging",
     "warm_start_accuracy": "eval_accuracy at step 0, before any RL update",
     "final_accuracy": "the last eval_accuracy after step 0",
-    "law_*": "R = -a exp(H) + b fitted (Huber IRLS) on the run's (entropy, eval_accuracy) pairs; "
-             "ceiling = b - a; R^2 = 1 - SS_res/SS_tot with every point weighted 1",
+    "law_*": "R = -a exp(H) + b fitted (Huber IRLS) on the run's (entropy, eval_accuracy) pairs "
+             f"(at least {MIN_LAW_POINTS}, step 0 has no entropy); ceiling = b - a; "
+             "R^2 = 1 - SS_res/SS_tot with every point weighted 1",
     "prefix_rmse": "the law fitted on the first third of the run's evaluations (at least 2), "
                    "RMSE of its prediction of the rest, accuracy units (x100 for points)",
     "aggregate": "mean, sample std (ddof=1; null below 2 seeds), min, max over seeds",
@@ -96,9 +100,11 @@ def seed_stats(records: Sequence[Dict]) -> Dict[str, float]:
         last_step=int(records[-1]["step"]) if records else 0)
     _, law_entropy, law_accuracy = entropy_accuracy_points(records, ACCURACY_KEY)
     stats["law_points"] = len(law_entropy)
+    if len(law_entropy) < MIN_LAW_POINTS:
+        return stats
     try:
         fit = fit_entropy_law(law_entropy, law_accuracy)
-    except ValueError:
+    except ValueError:  # the entropies are all equal
         return stats
     stats.update(law_a=fit.a, law_b=fit.b, law_ceiling=fit.ceiling,
                  law_r2=fit.r_squared(law_entropy, law_accuracy))
@@ -155,11 +161,13 @@ def _flatten(config: Dict, prefix: str = "") -> Dict[str, object]:
     return out
 
 
-def _config_differences(runs: Sequence[Run]) -> List[str]:
-    """Config keys (other than SEED_KEYS) whose values differ between the runs."""
+def _config_differences(runs: Sequence[Run], ignore_prefix: Optional[str] = None) -> List[str]:
+    """Config keys (other than SEED_KEYS and those under `ignore_prefix`) whose values differ
+    between the runs."""
     flat = [_flatten(run.config) for run in runs]
     keys = sorted(set().union(*flat)) if flat else []
     return [k for k in keys if k not in SEED_KEYS
+            and not (ignore_prefix and k.startswith(ignore_prefix))
             and len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
 
 
@@ -206,12 +214,16 @@ def load_methods(root: str) -> Tuple[List[Method], List[str], List[str]]:
         method = Method(label=seeds[0].run.label, folder=folder, seeds=seeds)
         _, entropy, accuracy = (np.concatenate(c) for c in zip(
             *(entropy_accuracy_points(s.run.records, ACCURACY_KEY) for s in seeds)))
-        try:
-            method.pooled_fit = fit_entropy_law(entropy, accuracy)
-            method.pooled_r2 = method.pooled_fit.r_squared(entropy, accuracy)
-        except ValueError:
-            pass
+        if len(entropy) >= MIN_LAW_POINTS:
+            try:
+                method.pooled_fit = fit_entropy_law(entropy, accuracy)
+                method.pooled_r2 = method.pooled_fit.r_squared(entropy, accuracy)
+            except ValueError:  # the entropies are all equal
+                pass
         methods.append(method)
+    differences = _config_differences([m.seeds[0].run for m in methods], "algorithm.")
+    if differences:  # e.g. a method left from an earlier invocation with other settings
+        warnings.append(f"the methods' configs differ outside algorithm.*: {', '.join(differences)}")
     labels = [m.label for m in methods]
     for method in methods:  # two folders of one method: tell them apart by folder
         if labels.count(method.label) > 1:
@@ -246,7 +258,7 @@ def _ok(condition_values: Sequence[float], condition: bool) -> Optional[bool]:
 def checks(by_label: Dict[str, Dict]) -> Dict[str, Dict]:
     """The issue's targets on the means over seeds, as facts: each entry has `target`, the
     numbers, `pass` (true / false / null when a method or number is missing) and a one-line
-    `text`; the accuracy differences have no target, only the numbers."""
+    `text`; the accuracy differences have no target and no `pass`, only the numbers."""
     out = {}
 
     def missing(name, target, labels):
@@ -302,7 +314,6 @@ def checks(by_label: Dict[str, Dict]) -> Dict[str, Dict]:
             label: by_label[label]["aggregate"]["final_accuracy"],
             "GRPO": by_label["GRPO"]["aggregate"]["final_accuracy"],
             "paired_seeds": [int(s) for s in common], "paired_difference": paired,
-            "pass": None,
             "text": f"{target}: {diff:+.4f} (per seed {_cell(paired)} over seeds "
                     f"{','.join(common) or '-'})"}
     return out
@@ -328,7 +339,12 @@ def format_table(summary: Dict, methods_per_table: int = 3) -> str:
     one row per quantity, each cell "mean ±std [min, max]" over seeds; then the pooled law, the
     checks, skipped runs and warnings."""
     labels = list(summary["methods"])
-    rows = [("seeds", lambda m: ",".join(str(s) for s in m["seeds"]))]
+    def law_points(m):
+        counts = sorted(stats["law_points"] for stats in m["per_seed"].values())
+        return str(counts[0]) if counts[0] == counts[-1] else f"{counts[0]}-{counts[-1]}"
+
+    rows = [("seeds", lambda m: ",".join(str(s) for s in m["seeds"])),
+            ("law points/seed", law_points)]
     rows += [(name, lambda m, key=key: _cell(m["aggregate"][key])) for key, name in SEED_QUANTITIES]
     pooled = lambda m, k: _num(m["pooled_law"][k]) if m["pooled_law"] else "-"  # noqa: E731
     rows += [("pooled law a, b", lambda m: f"{pooled(m, 'a')}, {pooled(m, 'b')}"),
@@ -350,9 +366,8 @@ def format_table(summary: Dict, methods_per_table: int = 3) -> str:
                  "prefix RMSE: law fitted on the first third of the evaluations")
     lines.append("checks (on the means over seeds; reported, not enforced):")
     for check in summary["checks"].values():
-        verdict = {True: "PASS", False: "FAIL", None: "    "}[check["pass"]]
-        if "missing" in check:
-            verdict = "n/a "
+        verdict = {True: "PASS", False: "FAIL", None: "n/a ", "fact": "    "}[
+            check.get("pass", "fact")]
         lines.append(f"  {verdict} {check['text']}")
     lines += [f"skipped: {s}" for s in summary["skipped"]]
     lines += [f"warning: {w}" for w in summary["warnings"]]
@@ -362,7 +377,7 @@ def format_table(summary: Dict, methods_per_table: int = 3) -> str:
 def draw_band(ax, b: Band, color, label: str) -> None:
     if not len(b.steps):
         return
-    ax.fill_between(b.steps, b.low, b.high, color=color, alpha=0.2, linewidth=0)
+    ax.fill_between(b.steps, b.low, b.high, color=color, alpha=0.15, linewidth=0)
     ax.plot(b.steps, b.mean, color=color, marker="o" if len(b.steps) < 30 else None,
             markersize=3, label=label)
 
@@ -384,7 +399,7 @@ def plot_comparison(methods: Sequence[Method], out_path: str) -> str:
         for seed_index, run in enumerate(runs):
             _, entropy, accuracy = entropy_accuracy_points(run.records, ACCURACY_KEY)
             if len(entropy):
-                law_ax.scatter(entropy, accuracy, s=10, alpha=0.3, color=color, linewidths=0,
+                law_ax.scatter(entropy, accuracy, s=12, alpha=0.4, color=color, linewidths=0,
                                label=f"{method.label}: seeds' points" if seed_index == 0 else None)
                 entropy_max = max(entropy_max, float(entropy.max()))
         if method.pooled_fit is not None:

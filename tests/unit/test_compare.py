@@ -94,6 +94,7 @@ def test_aggregates_laws_prefix_and_checks(tmp_path):
     root = make_root(str(tmp_path))
     summary = compare_root(root)
     assert list(summary["methods"]) == ["GRPO", "Clip-Cov"]  # named from config.json, ordered
+    assert summary["warnings"] == [] and summary["skipped"] == []
     grpo, cc = summary["methods"]["GRPO"], summary["methods"]["Clip-Cov"]
     assert grpo["seeds"] == [0, 1, 2] and grpo["folder"] == "grpo"
 
@@ -171,22 +172,23 @@ def test_bands_skipped_runs_and_config_warnings(tmp_path):
     write_run(os.path.join(root, "grpo", "seed_2"), {"loss_mode": "ppo_clip"}, grpo_records(2))
     open(os.path.join(root, "grpo", "seed_2", "FAILED"), "w").close()
     os.makedirs(os.path.join(root, "grpo", "seed_3"))  # never started
-    write_run(os.path.join(root, "ent", "seed_0"), {"loss_mode": "ppo_clip", "entropy_coef": 5e-3},
-              grpo_records(0))
-    with open(os.path.join(root, "ent", "seed_0", "config.json")) as f:
+    for seed in (0, 1):
+        write_run(os.path.join(root, "ent", f"seed_{seed}"),
+                  {"loss_mode": "ppo_clip", "entropy_coef": 5e-3}, grpo_records(seed))
+    config_path = os.path.join(root, "ent", "seed_0", "config.json")
+    with open(config_path) as f:
         config = json.load(f)
     config["training"]["lr"] = 2e-3  # a stale run of other settings
-    write_run(os.path.join(root, "ent", "seed_1"), {"loss_mode": "ppo_clip", "entropy_coef": 5e-3},
-              grpo_records(1))
-    with open(os.path.join(root, "ent", "seed_1", "config.json"), "w") as f:
-        json.dump(config | {"rollout": {"seed": 1}}, f)
+    with open(config_path, "w") as f:
+        json.dump(config, f)
 
     methods, skipped, warnings = load_methods(root)
     assert [m.label for m in methods] == ["GRPO", "entropy bonus"]
     assert [s.seed for s in methods[0].seeds] == [0, 1]
     assert sorted(skipped) == [os.path.join("grpo", "seed_2") + ": marked FAILED",
                                os.path.join("grpo", "seed_3") + ": no metrics.jsonl"]
-    assert warnings == ["ent: the seeds' configs differ in training.lr"]  # not in the seed keys
+    assert warnings == ["ent: the seeds' configs differ in training.lr",  # not a seed key
+                        "the methods' configs differ outside algorithm.*: training.lr"]
 
     b = band([s.run for s in methods[0].seeds], "entropy")
     assert list(b.steps) == list(range(1, STEPS + 1))
@@ -241,3 +243,21 @@ def test_tool(tmp_path, capsys):
         sys.argv = argv
     assert exit_info.value.code == 1
     assert read_run(os.path.join(root, "grpo", "seed_0")).label == "GRPO"
+
+
+def test_too_few_evaluations_leave_the_law_undefined(tmp_path):
+    # 3 (entropy, accuracy) points: below MIN_LAW_POINTS, so no fit (2 points would give R^2 = 1)
+    root = str(tmp_path)
+    for seed in SEEDS:
+        write_run(os.path.join(root, "grpo", f"seed_{seed}"), {"loss_mode": "ppo_clip"},
+                  grpo_records(seed, steps=3 * EVAL_EVERY))
+    summary = compare_root(root)
+    grpo = summary["methods"]["GRPO"]
+    assert all(grpo["per_seed"][str(s)]["law_points"] == 3 for s in SEEDS)
+    for key in ("law_a", "law_r2", "prefix_rmse"):
+        assert grpo["aggregate"][key]["n"] == 0
+    assert grpo["pooled_law"]["num_points"] == 9  # pooled over the seeds: enough
+    assert summary["checks"]["grpo_law"]["pass"] is None
+    assert summary["checks"]["grpo_entropy_falls"]["pass"] is not None
+    table = format_table(summary)
+    assert "law points/seed      3" in table
