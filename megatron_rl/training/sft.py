@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     """`python -m megatron_rl.training.sft --config X.yaml [key=value ...]`: build (or find) the
     cached warm start of a job config and print its folder as the last line of stdout, so that
     several RL runs (e.g. one per seed) can start from that one checkpoint
-    (`training.init_checkpoint=PATH training.sft_steps=0`). Logs go to stderr. One process; the
-    same process-group set-up as the trainer."""
+    (`training.init_checkpoint=PATH training.sft_steps=0`); nothing when training.sft_steps is 0.
+    Logs go to stderr. The same process-group set-up as the trainer."""
     import argparse
     import sys
     import warnings
@@ -93,9 +93,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    if not cfg.training.sft_steps:
-        print("training.sft_steps is 0: the config has no warm start to build", file=sys.stderr)
-        return 2
+    if not cfg.training.sft_steps:  # nothing to build: stdout stays empty
+        print("training.sft_steps is 0: the config has no warm start", file=sys.stderr)
+        return 0
     from megatron_rl.models.gpt import build_gpt_model
     from megatron_rl.parallel import state
     from megatron_rl.training.optimizer import wrap_ddp
