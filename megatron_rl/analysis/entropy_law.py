@@ -31,6 +31,14 @@ class EntropyLawFit:
     def predict(self, entropy) -> np.ndarray:
         return -self.a * np.exp(np.asarray(entropy, dtype=np.float64)) + self.b
 
+    def r_squared(self, entropy: Sequence[float], accuracy: Sequence[float]) -> float:
+        """1 - SS_res / SS_tot of the fit on (entropy, accuracy), every point weighted 1 (the
+        Huber weights only shape the fit). NaN when the accuracies are all equal."""
+        accuracy = np.asarray(accuracy, dtype=np.float64)
+        ss_tot = float(np.sum((accuracy - accuracy.mean()) ** 2))
+        ss_res = float(np.sum((accuracy - self.predict(entropy)) ** 2))
+        return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+
 
 def fit_entropy_law(entropy: Sequence[float], accuracy: Sequence[float], *, huber_k: float = HUBER_K,
                     max_iter: int = 100, tol: float = 1e-12) -> EntropyLawFit:

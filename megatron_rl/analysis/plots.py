@@ -16,10 +16,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from megatron_rl.analysis.entropy_law import (  # noqa: E402
-    PrefixPrediction, entropy_accuracy_points, fit_entropy_law)
+    EntropyLawFit, PrefixPrediction, entropy_accuracy_points, fit_entropy_law)
 from megatron_rl.analysis.probe import load_probes  # noqa: E402
 
 LOSS_MODE_NAMES = {"ppo_clip": "GRPO", "clip_cov": "Clip-Cov", "kl_cov": "KL-Cov"}
+# The trainer's batch covariance of log-prob and advantage (algorithms/metrics.py).
+COVARIANCE_KEY = "cov_mean"
 
 
 @dataclass
@@ -32,12 +34,20 @@ class Run:
 
 
 def method_name(config: Dict) -> Optional[str]:
-    """GRPO / Clip-higher / Clip-Cov / KL-Cov from a run's config.json, None when it has none."""
+    """GRPO / Clip-higher / Clip-Cov / KL-Cov from a run's config.json, None when it has none.
+    A regulariser names the method: GRPO with entropy_coef > 0 is "entropy bonus", with
+    kl_ref_coef > 0 "ref-KL"; on another method it is added ("Clip-Cov + ref-KL")."""
     algorithm = config.get("algorithm", {})
     mode = algorithm.get("loss_mode")
     if mode == "ppo_clip" and algorithm.get("eps_high", 0) > algorithm.get("eps_low", 0):
-        return "Clip-higher"
-    return LOSS_MODE_NAMES.get(mode, mode)
+        base = "Clip-higher"
+    else:
+        base = LOSS_MODE_NAMES.get(mode, mode)
+    extras = [name for key, name in (("entropy_coef", "entropy bonus"), ("kl_ref_coef", "ref-KL"))
+              if (algorithm.get(key) or 0) > 0]
+    if not extras:
+        return base
+    return " + ".join(extras if base == "GRPO" else [base, *extras])
 
 
 def read_metrics(path: str) -> List[Dict]:
@@ -52,14 +62,14 @@ def read_metrics(path: str) -> List[Dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def read_run(run_dir: str, label: Optional[str] = None) -> Run:
+def read_run(run_dir: str, label: Optional[str] = None, with_probes: bool = True) -> Run:
     run_dir = os.path.abspath(run_dir)
     name = os.path.basename(run_dir.rstrip(os.sep))
     config_path = os.path.join(run_dir, "config.json")
     config = json.load(open(config_path)) if os.path.exists(config_path) else {}
     return Run(name=name, label=label or method_name(config) or name,
                records=read_metrics(os.path.join(run_dir, "metrics.jsonl")), config=config,
-               probes=load_probes(run_dir))
+               probes=load_probes(run_dir) if with_probes else [])
 
 
 def read_runs(run_dirs: Sequence[str]) -> List[Run]:
@@ -111,15 +121,24 @@ def draw_law(ax, runs: Sequence[Run], prefix: Optional[PrefixPrediction] = None)
             except ValueError:  # too few evaluations to fit yet
                 ax.plot([], [], color=color, label=run.label)
                 continue
-        grid = np.linspace(0.0, max(float(entropy.max()), 1e-3) * 1.05, 200)
-        ax.plot(grid, fit.predict(grid), color=color,
-                label=f"{run.label}: R = {-fit.a:.3g} e^H {'-' if fit.b < 0 else '+'} {abs(fit.b):.3g}")
-        ax.axhline(fit.ceiling, color=color, linestyle=":", linewidth=1)
-        ax.plot([0.0], [fit.ceiling], marker="*", markersize=10, color=color,
-                label=f"{run.label}: ceiling {fit.ceiling:.3f}")
+        draw_law_curve(ax, fit, float(entropy.max()), color, run.label)
     ax.set(xlabel="policy entropy H", ylabel="eval accuracy R", title="accuracy vs entropy (law)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+
+
+def draw_law_curve(ax, fit: EntropyLawFit, entropy_max: float, color, label: str,
+                   detail: str = "") -> None:
+    """A fitted law R = -a exp(H) + b from H = entropy_max * 1.05 down to H = 0, where its
+    ceiling -a + b is starred and dotted across the panel. `detail` is added to the curve's
+    legend entry."""
+    grid = np.linspace(0.0, max(entropy_max, 1e-3) * 1.05, 200)
+    ax.plot(grid, fit.predict(grid), color=color,
+            label=f"{label}: R = {-fit.a:.3g} e^H {'-' if fit.b < 0 else '+'} {abs(fit.b):.3g}"
+                  + detail)
+    ax.axhline(fit.ceiling, color=color, linestyle=":", linewidth=1)
+    ax.plot([0.0], [fit.ceiling], marker="*", markersize=10, color=color,
+            label=f"{label}: ceiling {fit.ceiling:.3f}")
 
 
 def draw_probe(ax, probes: Sequence[Dict]) -> None:
@@ -158,13 +177,13 @@ def _panels(runs: Sequence[Run]):
         ("accuracy", lambda ax: draw_metric(ax, runs, "eval_accuracy", "eval accuracy",
                                             "eval accuracy vs step")),
         ("entropy_law", lambda ax: draw_law(ax, runs)),
-        ("covariance", lambda ax: draw_metric(ax, runs, "cov_mean", "mean Cov(log pi, A)",
+        ("covariance", lambda ax: draw_metric(ax, runs, COVARIANCE_KEY, "mean Cov(log pi, A)",
                                               "covariance of log-prob and advantage")),
         ("probe", lambda ax: draw_probe(ax, [p for run in runs for p in run.probes])),
     ]
 
 
-def _save(fig, out_path: str) -> str:
+def save_figure(fig, out_path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
@@ -187,7 +206,7 @@ def plot_runs(runs: Sequence[Run], out_path: str) -> str:
         ax.axis("off")
     if len(runs) == 1:
         fig.suptitle(f"{runs[0].label}: {runs[0].name}")
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def write_run_plots(run_dir: str, out_dir: Optional[str] = None) -> List[str]:
@@ -199,7 +218,7 @@ def write_run_plots(run_dir: str, out_dir: Optional[str] = None) -> List[str]:
     for stem, draw in _panels([run]):
         fig, ax = plt.subplots(figsize=(6, 4.5))
         draw(ax)
-        paths.append(_save(fig, os.path.join(out_dir, f"{stem}.png")))
+        paths.append(save_figure(fig, os.path.join(out_dir, f"{stem}.png")))
     paths.append(plot_runs([run], os.path.join(out_dir, "summary.png")))
     return paths
 
@@ -218,4 +237,4 @@ def plot_prefix_prediction(run: Run, prefix: PrefixPrediction, out_path: str) ->
     step_ax.set(xlabel="step", ylabel="eval accuracy", title="prediction of later accuracy")
     step_ax.grid(alpha=0.3)
     step_ax.legend(fontsize=7)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)

@@ -77,3 +77,50 @@ def warm_start(model, cfg, info, log=print) -> str:
         os.rename(tmp_name[0], path)
     dist.barrier()
     return path
+
+
+def main(argv=None) -> int:
+    """`python -m megatron_rl.training.sft --config X.yaml [key=value ...]`: build (or find) the
+    cached warm start of a job config and print its folder as the last line of stdout, so that
+    several RL runs (e.g. one per seed) can start from that one checkpoint
+    (`training.init_checkpoint=PATH training.sft_steps=0`); nothing when training.sft_steps is 0.
+    Logs go to stderr. The same process-group set-up as the trainer."""
+    import argparse
+    import sys
+    import warnings
+
+    parser = argparse.ArgumentParser(prog="python -m megatron_rl.training.sft",
+                                     description=main.__doc__)
+    parser.add_argument("--config", help="YAML job config (examples/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_intermixed_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    from megatron_rl.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides,
+                          world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if not cfg.training.sft_steps:  # nothing to build: stdout stays empty
+        print("training.sft_steps is 0: the config has no warm start", file=sys.stderr)
+        return 0
+    from megatron_rl.models.gpt import build_gpt_model
+    from megatron_rl.parallel import state
+    from megatron_rl.training.optimizer import wrap_ddp
+
+    info = state.initialize(cfg.parallel)
+    model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel),
+                     cfg.training.use_distributed_optimizer)
+    if cfg.training.init_checkpoint:  # as the trainer does: the warm start continues from it
+        load_model(model, cfg.training.init_checkpoint)
+    path = warm_start(model, cfg, info, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if info.rank == 0:
+        print(path, flush=True)
+    state.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
