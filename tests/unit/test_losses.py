@@ -272,6 +272,8 @@ def test_config_aliases_follow_verl():
     (dict(dual_clip_c=1.0), "dual_clip_c"),
     (dict(beta=-1.0), "beta"),
     (dict(n=1), "n .* must be >= 2"),
+    (dict(advantage_estimator="gae"),
+     r"advantage_estimator \(adv_estimator\) cannot be gae: GAE needs a critic"),
 ])
 def test_config_validation_names_the_field(values, match):
     with pytest.raises(ValueError, match=match):
