@@ -99,7 +99,8 @@ def main(argv=None):
     from megatron_rl.rollout.builtin import BuiltinEngine
     from megatron_rl.rollout.sglang_rollout import SGLangRollout
     from megatron_rl.rollout.sglang_server import EngineError
-    from megatron_rl.training.actor import compute_logprobs, train_mini_batch
+    from megatron_rl.training.actor import (build_reference_model, compute_logprobs,
+                                            train_mini_batch)
     from megatron_rl.training.optimizer import build_lr_scheduler, build_optimizer, wrap_ddp
     from megatron_rl.training.rl_batch import build_mini_batches, response_mask
     from megatron_rl.training.sft import warm_start
@@ -138,13 +139,19 @@ def main(argv=None):
     model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel), t.use_distributed_optimizer)
     resume_from = latest_checkpoint(ckpt_root) if args.resume == "auto" else (
         None if args.resume == "none" else args.resume)
-    if t.init_checkpoint and resume_from is None:
+    # The reference policy of the KL term (algorithm.kl_ref_coef) is the initial policy. On
+    # resume the initial weights are rebuilt the same way (the fresh init of the same seed, the
+    # init checkpoint, the cached warm start) and copied before the checkpoint replaces them.
+    initial_weights = resume_from is None or alg.kl_ref_coef > 0
+    if t.init_checkpoint and initial_weights:
         from megatron_rl.checkpointing.model import load_model
 
         load_model(model, t.init_checkpoint)
         log(f"initial weights from {t.init_checkpoint}")
-    if t.sft_steps and resume_from is None:
+    if t.sft_steps and initial_weights:
         warm_start(model, cfg, info, log)
+    ref_model = build_reference_model(model, cfg.model, cfg.parallel) \
+        if alg.kl_ref_coef > 0 else None
     optimizer = build_optimizer([model], t, t.use_distributed_optimizer)
     scheduler = build_lr_scheduler(optimizer, t)
     start_step, law_points = 0, []  # law_points: (entropy, validation accuracy) pairs
@@ -222,7 +229,8 @@ def main(argv=None):
                 torch.ones_like(rewards, dtype=torch.bool)
             minis = build_mini_batches(samples, advantages, keep, t.mini_batches,
                                        t.micro_batch_size, info.device)
-            # 4. old log-probs: the policy that sampled, recomputed by the trainer
+            # 4. old log-probs: the policy that sampled, recomputed by the trainer; and the
+            # frozen reference policy's when a KL to it is set
             mismatch = []
             for mini in minis:
                 old = compute_logprobs(model, mini, rc.temperature, task.vocab_size)
@@ -232,6 +240,11 @@ def main(argv=None):
                         m = mb["loss_mask"]
                         mismatch.append(float(((lp - mb["rollout_logprobs"]).abs() * m).sum()
                                               / m.sum().clamp(min=1)))
+                ref = None if ref_model is None else compute_logprobs(
+                    ref_model, mini, rc.temperature, task.vocab_size)
+                if ref is not None:
+                    for mb, lp in zip(mini, ref):
+                        mb["ref_logprobs"] = lp
             # 5. train: PPO epochs over mini-batches, one optimizer step each
             t1 = time.time()
             step_metrics = []

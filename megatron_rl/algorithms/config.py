@@ -24,8 +24,9 @@ class AlgorithmConfig:
     filter_equal_groups: bool = True
     # Responses per prompt; a batch holds its groups contiguously: [prompt0 x n, prompt1 x n, ...].
     n: int = field(default=8, metadata={"aliases": ("rollout_n", "group_size")})
-    gamma: float = 1.0  # discount (REINFORCE++, GAE)
-    lam: float = field(default=1.0, metadata={"aliases": ("gae_lambda",)})  # GAE lambda
+    gamma: float = 1.0  # discount (REINFORCE++, gae_advantages)
+    # GAE lambda: for advantages.gae_advantages only; advantage_estimator=gae is refused (no critic)
+    lam: float = field(default=1.0, metadata={"aliases": ("gae_lambda",)})
 
     # --- policy loss ---
     loss_mode: LossMode = "ppo_clip"
@@ -67,6 +68,12 @@ class AlgorithmConfig:
             shown = f"{name} ({'/'.join(alias)})" if alias else name
             raise ValueError(f"{shown} {requirement}, got {getattr(self, name)!r}")
 
+        if self.advantage_estimator == "gae":
+            # advantages.gae_advantages exists, but GAE needs a value function per token and
+            # the trainer has no critic to give one: refuse rather than fail at the first step.
+            fail("advantage_estimator", "cannot be gae: GAE needs a critic (value model), which "
+                                        "this trainer does not have; use grpo, rloo or "
+                                        "reinforce_pp")
         if self.n < 1:
             fail("n", "must be >= 1")
         if self.advantage_estimator in ("grpo", "rloo") and self.n < 2:

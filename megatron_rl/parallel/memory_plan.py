@@ -16,7 +16,9 @@ Assumptions (docs/memory_plan.md repeats them next to the numbers):
 - Training state per parameter: weights in params_dtype; a gradient buffer in fp32 (megatron DDP
   with grad_reduce_in_fp32, what megatron_rl.training.optimizer.wrap_ddp sets); for 16-bit params
   an fp32 main copy; Adam m and v in fp32. The distributed optimizer shards the main copy and m, v
-  over DP (the gradient buffer stays whole). fp32 params have no main copy.
+  over DP (the gradient buffer stays whole). fp32 params have no main copy. With
+  algorithm.kl_ref_coef > 0 the frozen reference policy adds its weights (params_dtype, same
+  layout, no gradient or optimizer state).
 - Activations, per layer and micro-batch, follow Korthikanti et al. 2022 ("Reducing Activation
   Recomputation in Large Transformer Models"): with 16-bit activations, s*b*h*(34 + 5*a*s/h) bytes,
   of which 10*s*b*h are replicated over TP without sequence parallelism and the rest divided by TP;
@@ -126,6 +128,8 @@ class MemoryPlan:
 
 _SUGGESTIONS = {
     "weights": "raise parallel.tensor_model_parallel_size or pipeline_model_parallel_size",
+    "reference_weights": "raise parallel.tensor_model_parallel_size or "
+                         "pipeline_model_parallel_size",
     "grad_buffer": "raise parallel.tensor_model_parallel_size or pipeline_model_parallel_size",
     "main_params": "use the distributed optimizer (shards main params and Adam state over DP) "
                    "or add data-parallel ranks",
@@ -308,6 +312,9 @@ def plan_memory(cfg, gpu_memory_gib: float, *, distributed_optimizer: bool = Tru
                        f"{layers} layers x {in_flight} micro-batch(es) in flight, "
                        f"recompute={recompute}"),
         ]
+        if cfg.algorithm.kl_ref_coef > 0:
+            items.append(MemoryItem("reference_weights", n * e, "both",
+                                    "frozen reference policy (algorithm.kl_ref_coef > 0)"))
         if stage == pp - 1:
             items.append(_logits_item(cfg, chunked_logprobs, token_chunk, vocab_chunk))
         if colocated_rollout:

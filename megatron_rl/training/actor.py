@@ -1,5 +1,6 @@
-"""The policy's two jobs on a rollout batch: log-probs without gradient (old / current policy)
-and the PPO-family update, through megatron's schedules on any TP/PP/DP layout.
+"""The policy's two jobs on a rollout batch: log-probs without gradient (old / current policy,
+and the frozen reference policy of the KL term) and the PPO-family update, through megatron's
+schedules on any TP/PP/DP layout.
 
 Log-probs and entropies come from the vocab-parallel op (megatron_rl.ops) on the output layer's
 logits shard, so [tokens, vocab] probabilities are never gathered. Losses are normalised by the
@@ -51,6 +52,21 @@ def compute_logprobs(model, micro_batches: List[Dict], temperature: float,
     return captured if mpu.is_pipeline_last_stage() else None
 
 
+def build_reference_model(policy, model_cfg, parallel_cfg):
+    """The reference policy of the KL-to-reference term (algorithm.kl_ref_coef): a frozen copy of
+    `policy`'s current weights (call it while they are the initial ones), built in the same TP/PP
+    layout so each rank copies its own shard and computes its log-probs with the same
+    vocab-parallel op (compute_logprobs). No gradient, in no optimizer, never trained; eval mode,
+    so dropout (if any) never perturbs it. Collective: every rank calls it."""
+    from megatron_rl.models.gpt import build_gpt_model, unwrap_model
+
+    reference = build_gpt_model(model_cfg, parallel_cfg)
+    reference.load_state_dict(unwrap_model(policy).state_dict())
+    reference.requires_grad_(False)
+    reference.eval()
+    return reference
+
+
 def _flat_cat(micro_batches: List[Dict], key: str) -> torch.Tensor:
     return torch.cat([mb[key].reshape(-1) for mb in micro_batches])
 
@@ -63,8 +79,9 @@ def _split_like(flat: torch.Tensor, micro_batches: List[Dict]) -> List[torch.Ten
 def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: AlgorithmConfig,
                      temperature: float, vocab_size: int, seed: int) -> Dict[str, float]:
     """One optimizer step on one mini-batch (this rank's micro-batches). Needs "old_logprobs" in
-    every micro-batch on the last stage. Returns metrics (token means over the whole
-    mini-batch across DP ranks) on the last stage, {} elsewhere."""
+    every micro-batch on the last stage, and "ref_logprobs" when cfg.kl_ref_coef > 0. Returns
+    metrics (token means over the whole mini-batch across DP ranks) on the last stage, {}
+    elsewhere."""
     from megatron.core import parallel_state as mpu
 
     dp_group = mpu.get_data_parallel_group()
@@ -91,7 +108,8 @@ def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: Algorithm
         if last_stage:
             current = torch.cat([lp.reshape(-1) for lp in current_parts])
     if last_stage and not all_finite([current] + [mb[k] for mb in micro_batches
-                                                 for k in ("old_logprobs", "advantages")],
+                                                 for k in ("old_logprobs", "advantages")]
+                                     + [mb.get("ref_logprobs") for mb in micro_batches],
                                      dp_group):
         # A NaN/inf log-prob or advantage: no selection (it needs finite covariances); the loss
         # turns non-finite too and grads_are_finite skips the update below.
@@ -122,6 +140,7 @@ def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: Algorithm
         loss, step_stats = policy_loss(
             logprobs, batch["old_logprobs"], batch["advantages"], batch["loss_mask"], cfg,
             selected=batch.get("selected"), entropy=entropy,
+            ref_logprobs=batch.get("ref_logprobs"),
             rollout_logprobs=batch.get("rollout_logprobs"),
             num_global_tokens=max(num_tokens, 1.0), num_global_sequences=max(num_sequences, 1.0))
         stats.add(step_stats)
@@ -135,6 +154,8 @@ def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: Algorithm
             inp["selected"] = sel
         if cfg.rollout_is_cap is not None:
             inp["rollout_logprobs"] = mb["rollout_logprobs"]
+        if cfg.kl_ref_coef:
+            inp["ref_logprobs"] = mb.get("ref_logprobs")
     model.zero_grad_buffer()
     optimizer.zero_grad()
     forward_backward([model], inputs, loss_fn)

@@ -39,7 +39,9 @@ class TrainingConfig:
     # Updates with a NaN/inf gradient are skipped; this many skipped steps in a row stop the job.
     max_nonfinite_steps: int = 3
     # Initial policy weights: a megatron checkpoint (e.g. tools/convert_checkpoint.py
-    # hf-to-megatron output), any TP/PP layout. Ignored when resuming.
+    # hf-to-megatron output), any TP/PP layout. A resumed run takes the policy from its
+    # checkpoint; it still loads these (and the warm start) for the frozen reference policy
+    # when algorithm.kl_ref_coef > 0.
     init_checkpoint: Optional[str] = None
     # --- supervised warm start before RL (0 steps: none); its result is cached by config ---
     sft_steps: int = 0

@@ -1,6 +1,7 @@
 """The RL job end to end under torchrun with TP=2 on CPU: rewards are computed, metrics are
-finite, the policy moves, and a run resumed from a checkpoint reproduces the uninterrupted run's
-metrics exactly."""
+finite, the policy moves, the KL to the reference policy and the entropy bonus run, and a run
+resumed from a checkpoint reproduces the uninterrupted run's metrics exactly (so its rebuilt
+reference policy is the initial one)."""
 import json
 import math
 import os
@@ -30,9 +31,14 @@ def read_metrics(path):
     return [json.loads(line) for line in open(path)]
 
 
+# Regularisers on in the TP=2 job: a KL to the frozen reference policy (the warm-started
+# initial weights) and the entropy bonus.
+REGULARISERS = ["algorithm.kl_ref_coef=0.05", "algorithm.entropy_coef=0.001"]
+
+
 def test_rl_job_tp2_and_exact_resume(tmp_path):
     full, resumed, cache = tmp_path / "full", tmp_path / "resumed", tmp_path / "cache"
-    run_torchrun("megatron_rl/train.py", 2, job_args(full, cache))
+    run_torchrun("megatron_rl/train.py", 2, job_args(full, cache, REGULARISERS))
     records = read_metrics(full / "metrics.jsonl")
     steps = [r for r in records if "reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -44,6 +50,12 @@ def test_rl_job_tp2_and_exact_resume(tmp_path):
     updated = [r for r in steps if r.get("update_ok")]
     assert updated and all(r["ppo_kl"] != 0.0 for r in updated)
     assert any(r.get("clip_cov_frac", 0) > 0 for r in steps)  # Clip-Cov selected tokens
+    # The policy starts as the reference (KL 0 on the first mini-batch) and moves from it.
+    first_update = min(r["step"] for r in updated)
+    assert all(r["kl_ref"] >= 0 for r in steps if "kl_ref" in r)
+    later = [r["kl_ref"] for r in steps if r["step"] > first_update and "kl_ref" in r]
+    assert later and all(kl > 0 for kl in later)
+    assert all(r["entropy"] > 0 for r in updated)
     assert sorted(os.listdir(full / "checkpoints")) == ["latest", "step_00000002", "step_00000004"]
 
     # Resume: only the step-2 checkpoint, then continue to step 4.
@@ -51,7 +63,8 @@ def test_rl_job_tp2_and_exact_resume(tmp_path):
     shutil.copytree(full / "checkpoints" / "step_00000002",
                     resumed / "checkpoints" / "step_00000002")
     (resumed / "checkpoints" / "latest").write_text("step_00000002")
-    out = run_torchrun("megatron_rl/train.py", 2, ["--resume", "auto"] + job_args(resumed, cache))
+    out = run_torchrun("megatron_rl/train.py", 2,
+                       ["--resume", "auto"] + job_args(resumed, cache, REGULARISERS))
     assert "resumed from" in out
     again = [r for r in read_metrics(resumed / "metrics.jsonl") if "reward_mean" in r]
     assert [r["step"] for r in again] == [3, 4]
@@ -61,7 +74,7 @@ def test_rl_job_tp2_and_exact_resume(tmp_path):
 
     # A new run initialised from the final weights evaluates (greedily) exactly as they did.
     fresh = tmp_path / "fresh"
-    run_torchrun("megatron_rl/train.py", 2, job_args(fresh, cache, [
+    run_torchrun("megatron_rl/train.py", 2, job_args(fresh, cache, REGULARISERS + [
         "training.sft_steps=0", "training.steps=1",
         f"training.init_checkpoint={full / 'checkpoints' / 'step_00000004'}"]))
     first = read_metrics(fresh / "metrics.jsonl")[0]

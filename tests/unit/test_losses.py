@@ -184,6 +184,64 @@ def test_reference_kl_estimators():
     assert reference_kl(logprobs, ref, "k3").item() == pytest.approx(0.5 - d - 1)
 
 
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean",
+                                         "seq-mean-token-sum"])
+def test_reference_kl_term_against_float64_log_softmax(estimator, aggregation):
+    """The KL-to-reference term as the trainer computes it (float32 logits -> the vocab-parallel
+    op -> policy_loss) against a float64 reference by hand: log-probs from log_softmax in float64,
+    each token's estimate and its derivative written out, aggregated with explicit loops; and the
+    gradient w.r.t. the policy's logits, (onehot - softmax) / temperature per token."""
+    from megatron_rl.ops import vocab_parallel_logprobs_entropy
+
+    g = torch.Generator().manual_seed(3)
+    batch, length, vocab, temperature, coef = 4, 6, 11, 0.8, 0.05
+    logits = 2 * torch.randn(batch, length, vocab, generator=g, **F64)
+    ref_logits = logits + 0.7 * torch.randn(batch, length, vocab, generator=g, **F64)
+    targets = torch.randint(0, vocab, (batch, length), generator=g)
+    # response lengths 5, 0, 2, 3 (unequal, so the three aggregations differ); a sequence
+    # without response tokens counts in no normaliser
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [0] * 6, [0, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]],
+                        dtype=torch.bool)
+
+    def log_softmax64(x):
+        return torch.log_softmax(x / temperature, dim=-1)
+
+    lp64 = log_softmax64(logits).gather(-1, targets[..., None])[..., 0]
+    ref64 = log_softmax64(ref_logits).gather(-1, targets[..., None])[..., 0]
+    tokens = [[t for t in range(length) if mask[i, t]] for i in range(batch)]
+    num_tokens = sum(map(len, tokens))
+    num_sequences = sum(1 for ts in tokens if ts)
+    want_loss, want_sum = 0.0, 0.0
+    weight = torch.zeros(batch, length, **F64)  # d loss / d log pi per token
+    for i, ts in enumerate(tokens):
+        for t in ts:
+            d = ref64[i, t].item() - lp64[i, t].item()  # log pi_ref - log pi
+            k, dk = {"k1": (-d, 1.0), "k2": (d * d / 2, -d),
+                     "k3": (math.exp(d) - d - 1, 1 - math.exp(d))}[estimator]
+            share = {"token-mean": 1 / num_tokens, "seq-mean-token-sum": 1 / num_sequences,
+                     "seq-mean-token-mean": 1 / (len(ts) * num_sequences)}[aggregation]
+            want_loss += coef * k * share
+            want_sum += k
+            weight[i, t] = coef * dk * share
+    onehot = torch.nn.functional.one_hot(targets, vocab).to(torch.float64)
+    want_grad = weight[..., None] * (onehot - log_softmax64(logits).exp()) / temperature
+
+    config = AlgorithmConfig(loss_mode="vanilla", kl_ref_coef=coef, kl_ref_estimator=estimator,
+                             aggregation=aggregation)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        x = logits.to(dtype).clone().requires_grad_()
+        logprobs, _ = vocab_parallel_logprobs_entropy(x, targets, temperature)
+        ref, _ = vocab_parallel_logprobs_entropy(ref_logits.to(dtype), targets, temperature)
+        # A = 0: the policy term and its gradient vanish, the KL term is the whole loss
+        loss, stats = policy_loss(logprobs, logprobs.detach(), torch.zeros_like(logprobs), mask,
+                                  config, ref_logprobs=ref)
+        loss.backward()
+        assert loss.item() == pytest.approx(want_loss, rel=tol, abs=tol), dtype
+        assert stats["kl_ref"].item() == pytest.approx(want_sum, rel=tol, abs=tol), dtype
+        torch.testing.assert_close(x.grad.double(), want_grad, rtol=tol, atol=tol)
+
+
 def test_config_defaults_are_the_papers():
     config = AlgorithmConfig()
     assert (config.r, config.omega_low, config.omega_high) == (2e-4, 1.0, 5.0)
@@ -214,6 +272,8 @@ def test_config_aliases_follow_verl():
     (dict(dual_clip_c=1.0), "dual_clip_c"),
     (dict(beta=-1.0), "beta"),
     (dict(n=1), "n .* must be >= 2"),
+    (dict(advantage_estimator="gae"),
+     r"advantage_estimator \(adv_estimator\) cannot be gae: GAE needs a critic"),
 ])
 def test_config_validation_names_the_field(values, match):
     with pytest.raises(ValueError, match=match):

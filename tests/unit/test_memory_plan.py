@@ -68,6 +68,16 @@ def test_optimizer_state_sharded_by_distributed_optimizer():
     assert sharded.item("grad_buffer").bytes == plain.item("grad_buffer").bytes
 
 
+def test_reference_policy_adds_a_copy_of_the_weights():
+    plain = plan_memory(qwen7b(), 80)
+    with_ref = plan_memory(qwen7b("algorithm.kl_ref_coef=0.001"), 80)
+    weights = plain.item("weights").bytes
+    assert with_ref.item("reference_weights").bytes == weights
+    assert with_ref.peak_bytes == plain.peak_bytes + weights
+    with pytest.raises(KeyError):
+        plain.item("reference_weights")
+
+
 def test_chunked_logprobs_and_recompute_shrink_their_items():
     cfg = qwen7b("training.micro_batch_size=8")
     full = plan_memory(cfg, 80, chunked_logprobs=False, recompute="none")

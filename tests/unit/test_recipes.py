@@ -1,5 +1,6 @@
-"""The Qwen2.5 recipes load at the world size their launch scripts use and carry the paper's
-settings (arXiv 2505.22617 Sec. 4) and the Qwen2.5 architectures."""
+"""The Qwen2.5 recipes load at the world size their launch scripts use and carry the authors'
+settings (their scripts recipe/dapo/{7b,32b}_{baseline,clip_cov,kl_cov}.sh in
+PRIME-RL/Entropy-Mechanism-of-RL, and arXiv 2505.22617 Sec. 4) and the Qwen2.5 architectures."""
 import pytest
 
 from megatron_rl.config import load_config
@@ -13,7 +14,9 @@ LAYOUT = {  # world size of the launch script, TP, PP, resulting DP
     "32b": (32, 8, 2, 2),  # examples/slurm_qwen2.5_32b.sbatch: 4 nodes x 8 GPUs
 }
 LR = {"7b": 5e-7, "32b": 1e-6}
-KL_COV_K = {"7b": 2e-3, "32b": 2e-4}
+KL_COV_K = {"7b": 2e-3, "32b": 2e-4}  # the scripts' k_percent 0.2 / 0.02 (percent)
+# clip_ratio_low / clip_ratio_high: 1 / 1 in the Clip-Cov scripts, 0.2 / 0.2 elsewhere
+EPS = {"grpo": (0.2, 0.2), "clip_cov": (1.0, 1.0), "kl_cov": (0.2, 0.2)}
 LOSS_MODE = {"grpo": "ppo_clip", "clip_cov": "clip_cov", "kl_cov": "kl_cov"}
 
 
@@ -33,9 +36,14 @@ def test_recipe_loads_with_paper_settings(size, method):
     assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
             p.data_parallel_size) == (tp, pp, dp)
     assert (r.prompts_per_step, a.n, r.temperature, r.max_new_tokens) == (256, 8, 1.0, 8192)
+    assert (r.top_p, r.top_k) == (1.0, -1)
     assert (t.mini_batches, t.ppo_epochs, t.lr, t.eval_temperature) == (8, 1, LR[size], 0.6)
-    assert a.filter_equal_groups and a.advantage_estimator == "grpo"
+    assert (t.lr_warmup_steps, t.lr_decay_style, t.weight_decay, t.clip_grad) == \
+        (0, "constant", 0.0, 1.0)
+    assert a.filter_equal_groups and a.advantage_estimator == "grpo" and a.norm_by_std
     assert a.loss_mode == LOSS_MODE[method]
+    assert (a.eps_low, a.eps_high, a.dual_clip_c) == (*EPS[method], None)
+    assert (a.aggregation, a.entropy_coef, a.kl_ref_coef) == ("token-mean", 0.0, 0.0)
     if method == "clip_cov":
         assert (a.r, a.omega_low, a.omega_high) == (2e-4, 1.0, 5.0)
     if method == "kl_cov":
