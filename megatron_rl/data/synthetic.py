@@ -127,13 +127,20 @@ def clock_walk_response(start: int, path: Sequence[int]) -> str:
 
 
 def clock_walk_demonstrations(problems: Sequence[Tuple[str, int, int]], count: int, steps: int,
-                              seed: int) -> List[Tuple[str, str]]:
+                              seed: int, aim: float = 1.0) -> List[Tuple[str, str]]:
     """`count` (prompt, response) pairs for the supervised warm start: problems drawn from
-    `problems`, each solved by a path drawn uniformly from all right ones."""
+    `problems`; with probability `aim` a path drawn uniformly from all right ones, otherwise
+    one drawn uniformly from all paths over the allowed digits, written out honestly wherever it
+    ends. Below 1, the warm start cannot learn to write the target as the last total whatever
+    the arithmetic: it learns the arithmetic, and RL has to teach it to aim."""
     g = torch.Generator().manual_seed(seed + 1)
     pairs = []
     for allowed, start, target in draw(problems, count, seed):
-        paths = _walks(tuple(map(int, allowed)), steps)[(target - start) % 10]
+        by_residue = _walks(tuple(map(int, allowed)), steps)
+        if float(torch.rand((), generator=g)) < aim:
+            paths = by_residue[(target - start) % 10]
+        else:
+            paths = tuple(itertools.chain.from_iterable(by_residue))
         path = paths[int(torch.randint(0, len(paths), (1,), generator=g))]
         pairs.append((clock_walk_prompt(allowed, start, target), clock_walk_response(start, path)))
     return pairs

@@ -50,7 +50,7 @@ def build_task(cfg, step_seed: Callable[..., int]) -> Task:
             eval_prompts=clock_walk_prompts(held_out, tokenizer), skipped_rows={},
             score=lambda responses, answers: [reward(r, a) for r, a in zip(responses, answers)],
             demonstrations=lambda count, seed: clock_walk_demonstrations(
-                train, count, d.walk_steps, seed))
+                train, count, d.walk_steps, seed, aim=d.walk_aim))
     from megatron_rl.data.prompts import load_prompt_dataset, load_tokenizer
 
     tokenizer = load_tokenizer(d.tokenizer_dir)

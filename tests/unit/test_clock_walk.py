@@ -83,3 +83,19 @@ def test_task_from_config_scores_with_its_verifier():
     prompt, answer = task.eval_prompts[0]
     (demo_prompt, demo_response), = task.demonstrations(1, 0)
     assert task.score([demo_response, "0+1=1"], [demo_prompt[:-1], answer]) == [1.0, 0.0]
+
+
+def test_demonstrations_below_full_aim_are_honest_about_where_they_end():
+    train, _ = clock_walk_split(5, 4, 500, eval_seed=999_983)
+    pairs = clock_walk_demonstrations(train, 600, steps=5, seed=5, aim=0.5)
+    landed = 0
+    for prompt, response in pairs:
+        allowed, start, target = prompt[:-1].split()
+        end = response.split(" ")[-1][-1]
+        # every step's arithmetic is right, and the written end is where the path ends ...
+        assert clock_walk_reward(response, f"{allowed} {start} {end}", steps=5) == 1.0
+        landed += clock_walk_reward(response, prompt[:-1], steps=5)
+    # ... which is the target for about half (the aimed ones) plus the random paths that hit
+    assert 0.45 < landed / len(pairs) < 0.7
+    assert all(clock_walk_reward(r, p[:-1], steps=5) == 1.0
+               for p, r in clock_walk_demonstrations(train, 100, steps=5, seed=5, aim=1.0))
