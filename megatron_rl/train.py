@@ -180,7 +180,7 @@ def main(argv=None):
         return evaluate_prompts(engine, eval_prompts, task.decode, score,
                                 max_new_tokens=rc.max_new_tokens,
                                 stop_token_ids=(task.eos_id,), avg_k=t.eval_avg_k,
-                                temperature=t.eval_temperature,
+                                temperature=t.eval_temperature, greedy=t.eval_greedy,
                                 seed=step_seed(rc.seed, step, info.dp_rank, 7), dp_group=dp_group)
 
     per_rank = rc.prompts_per_step // info.dp_size

@@ -12,14 +12,25 @@ from megatron_rl.rollout import SamplingParams
 def evaluate(engine, prompts: Sequence[Tuple[List[int], str]], decode: Callable[[List[int]], str],
              score: Callable[[List[str], List[str]], List[float]], *, max_new_tokens: int,
              stop_token_ids: Sequence[int] = (), avg_k: int = 0, temperature: float = 0.6,
-             top_p: float = 1.0, seed: Optional[int] = None, dp_group=None) -> Dict[str, float]:
+             top_p: float = 1.0, seed: Optional[int] = None, dp_group=None,
+             greedy: bool = True) -> Dict[str, float]:
     """{"eval_accuracy": greedy accuracy[, f"eval_avg@{avg_k}": sampled accuracy]} over the
     (prompt ids, answer) pairs of this data-parallel rank, reduced over `dp_group` as sums and
     counts, so ranks with unequal shares still give the mean over all prompts. Every rank of the
-    engine's model-parallel group calls it with the same prompts."""
+    engine's model-parallel group calls it with the same prompts.
+
+    greedy=False: no greedy pass; "eval_accuracy" is then the avg@k itself (for tasks where the
+    greedy answer hides what the policy does, e.g. a policy that is right at its mode but slips
+    when it samples)."""
     runs = [("eval_accuracy", SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens,
                                              stop_token_ids=tuple(stop_token_ids)))]
-    if avg_k:
+    if not greedy:
+        if avg_k < 1:
+            raise ValueError("greedy=False needs avg_k >= 1 samples per prompt")
+        runs = [("eval_accuracy", SamplingParams(
+            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            stop_token_ids=tuple(stop_token_ids), n=avg_k))]
+    elif avg_k:
         runs.append((f"eval_avg@{avg_k}", SamplingParams(
             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
             stop_token_ids=tuple(stop_token_ids), n=avg_k)))

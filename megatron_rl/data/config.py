@@ -20,9 +20,9 @@ class DataConfig:
     digits: int = 2  # operand digits of the addition task
     walk_steps: int = 5  # digits a clock_walk response adds (5 tokens each)
     walk_digits: int = 4  # how many digits (of 1-9) a clock_walk prompt allows
-    # share of clock_walk warm-start demonstrations that land on the target (the others are
-    # random allowed paths, written out honestly)
-    walk_aim: float = 1.0
+    # how often the clock_walk warm start's demonstrator writes a wrong total when it adds a 9
+    # (less for smaller digits, never for a 1): the room RL has above the warm start
+    walk_slip: float = 0.0
     seed: int = 0  # the order of the training prompt stream
     # held-out prompts for validation accuracy; clock_walk takes them from a set of problems
     # disjoint from training's (data/synthetic.py clock_walk_split), cut by eval_seed
@@ -38,8 +38,8 @@ class DataConfig:
             raise ValueError(f"data.walk_steps must be in [2, 8], got {self.walk_steps}")
         if not 2 <= self.walk_digits <= 8:
             raise ValueError(f"data.walk_digits must be in [2, 8], got {self.walk_digits}")
-        if not 0.0 <= self.walk_aim <= 1.0:
-            raise ValueError(f"data.walk_aim must be in [0, 1], got {self.walk_aim}")
+        if not 0.0 <= self.walk_slip <= 1.0:
+            raise ValueError(f"data.walk_slip must be in [0, 1], got {self.walk_slip}")
         if self.eval_prompts < 1:
             raise ValueError(f"data.eval_prompts must be >= 1, got {self.eval_prompts}")
         if not 1 <= self.digits <= 6:

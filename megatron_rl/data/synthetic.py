@@ -2,11 +2,11 @@
 so a tiny model learns them in minutes:
 
 - `addition`: "12+34=" -> "46" (one short, deterministic answer);
-- `clock_walk`: "2579 3 8=" -> "3+5=8 8+7=5 5+2=7 7+9=6 6+2=8": from the start digit, add `steps`
-  digits from the allowed ones, writing each total mod 10, and land on the target. Many
-  responses are right (every path whose sum hits the target), so a policy can stay diverse and
-  still be correct: the room that entropy collapse and its control need. Responses are
-  6 * steps tokens (30 at the default 5 steps); train and eval problems are disjoint sets.
+- `clock_walk`: "2579 3=" -> "3+5=8 8+7=5 5+2=7 7+9=6 6+2=8": from the start digit, add `steps`
+  digits from the allowed ones, writing each total mod 10. Many responses are right (any
+  allowed path), so a policy can stay diverse and still be correct: the room that entropy
+  collapse and its control need. Responses are 6 * steps tokens (30 at the default 5 steps);
+  train and eval problems are disjoint sets.
 """
 import itertools
 import re
@@ -76,73 +76,63 @@ def addition_prompts(count: int, digits: int, seed: int, tokenizer: CharTokenize
 
 
 # --- clock_walk -----------------------------------------------------------------------------
-# "2579 3 8=" -> "3+5=8 8+7=5 5+2=7 7+9=6 6+2=8": from the start digit (3), add `steps` digits taken
-# from the allowed ones (2579), writing each total mod 10, and land on the target (8). Each
-# token is a lookup a two-layer model learns in a few hundred steps; choosing digits that keep
-# the target reachable is planning it learns only roughly, so the warm start leaves room.
+# "2579 3=" -> "3+5=8 8+7=5 5+2=7 7+9=6 6+2=8": from the start digit (3), add `steps` digits
+# taken from the allowed ones (2579), writing each total mod 10 beside its inputs. Every token is
+# a lookup of the few tokens before it (a 4-layer model learns it in a few hundred steps); any of
+# the len(allowed) ** steps paths is right. The warm start imitates a sloppy demonstrator whose
+# totals slip more often the larger the digit it adds, so RL has two things to do: stop slipping
+# (sharpen the totals) and, if it pays, prefer the digits it slips on less (a narrower choice):
+# the exploitation that collapses entropy in the paper.
 
 
-@lru_cache(maxsize=None)
-def _walks(allowed: Tuple[int, ...], steps: int) -> Tuple[Tuple[Tuple[int, ...], ...], ...]:
-    """All digit paths over `allowed`, grouped by their sum mod 10."""
-    by_residue: List[List[Tuple[int, ...]]] = [[] for _ in range(10)]
-    for path in itertools.product(allowed, repeat=steps):
-        by_residue[sum(path) % 10].append(path)
-    return tuple(tuple(paths) for paths in by_residue)
-
-
-def clock_walk_problems(steps: int, num_allowed: int) -> List[Tuple[str, int, int]]:
-    """Every solvable (allowed digits, start, target) of the task, in a fixed order."""
-    return [("".join(map(str, allowed)), start, target)
+def clock_walk_problems(num_allowed: int) -> List[Tuple[str, int]]:
+    """Every (allowed digits, start) problem of the task, in a fixed order."""
+    return [("".join(map(str, allowed)), start)
             for allowed in itertools.combinations(range(1, 10), num_allowed)
-            for start in range(10) for target in range(10)
-            if _walks(allowed, steps)[(target - start) % 10]]
+            for start in range(10)]
 
 
-def clock_walk_split(steps: int, num_allowed: int, eval_count: int, eval_seed: int):
+def clock_walk_split(num_allowed: int, eval_count: int, eval_seed: int):
     """(train problems, eval problems): a seeded permutation of all problems cut in two, so the
     held-out eval set never shares a problem with training or the warm start."""
-    problems = clock_walk_problems(steps, num_allowed)
+    problems = clock_walk_problems(num_allowed)
     if not 0 < eval_count < len(problems):
         raise ValueError(f"data.eval_prompts={eval_count} must be in [1, {len(problems) - 1}] "
-                         f"for clock_walk ({len(problems)} problems in all)")
+                         f"for clock_walk with data.walk_digits={num_allowed} "
+                         f"({len(problems)} problems in all)")
     order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(eval_seed))
     return ([problems[i] for i in sorted(order[eval_count:].tolist())],
             [problems[i] for i in sorted(order[:eval_count].tolist())])
 
 
-def clock_walk_prompt(allowed: str, start: int, target: int) -> str:
-    return f"{allowed} {start} {target}="
+def clock_walk_prompt(allowed: str, start: int) -> str:
+    return f"{allowed} {start}="
 
 
-def clock_walk_response(start: int, path: Sequence[int]) -> str:
-    """Each step "t+d=t'" repeats the total t beside the digit it adds, so every token is a
-    lookup of the two or three tokens just before it."""
-    steps, total = [], start
-    for d in path:
-        new = (total + d) % 10
-        steps.append(f"{total}+{d}={new}")
-        total = new
-    return " ".join(steps)
+def clock_walk_slip(digit: int, slip: float) -> float:
+    """How often the demonstrator writes a wrong total when it adds `digit`: 0 for 1, rising
+    linearly to `slip` for 9."""
+    return slip * (digit - 1) / 8
 
 
-def clock_walk_demonstrations(problems: Sequence[Tuple[str, int, int]], count: int, steps: int,
-                              seed: int, aim: float = 1.0) -> List[Tuple[str, str]]:
+def clock_walk_demonstrations(problems: Sequence[Tuple[str, int]], count: int, steps: int,
+                              seed: int, slip: float = 0.0) -> List[Tuple[str, str]]:
     """`count` (prompt, response) pairs for the supervised warm start: problems drawn from
-    `problems`; with probability `aim` a path drawn uniformly from all right ones, otherwise
-    one drawn uniformly from all paths over the allowed digits, written out honestly wherever it
-    ends. Below 1, the warm start cannot learn to write the target as the last total whatever
-    the arithmetic: it learns the arithmetic, and RL has to teach it to aim."""
+    `problems`, digits drawn uniformly from the allowed ones; each total is right, except with
+    probability clock_walk_slip(digit, slip), when it is one of the 9 wrong digits (and the walk
+    goes on from what was written, as a demonstrator who believes it would)."""
     g = torch.Generator().manual_seed(seed + 1)
     pairs = []
-    for allowed, start, target in draw(problems, count, seed):
-        by_residue = _walks(tuple(map(int, allowed)), steps)
-        if float(torch.rand((), generator=g)) < aim:
-            paths = by_residue[(target - start) % 10]
-        else:
-            paths = tuple(itertools.chain.from_iterable(by_residue))
-        path = paths[int(torch.randint(0, len(paths), (1,), generator=g))]
-        pairs.append((clock_walk_prompt(allowed, start, target), clock_walk_response(start, path)))
+    for allowed, start in draw(problems, count, seed):
+        written, total = [], start
+        for _ in range(steps):
+            d = int(allowed[int(torch.randint(0, len(allowed), (1,), generator=g))])
+            new = (total + d) % 10
+            if float(torch.rand((), generator=g)) < clock_walk_slip(d, slip):
+                new = (new + int(torch.randint(1, 10, (1,), generator=g))) % 10
+            written.append(f"{total}+{d}={new}")
+            total = new
+        pairs.append((clock_walk_prompt(allowed, start), " ".join(written)))
     return pairs
 
 
@@ -151,9 +141,9 @@ _STEP = re.compile(r"([0-9])\+([1-9])=([0-9])")
 
 def clock_walk_reward(response: str, answer: str, steps: int) -> float:
     """1.0 when `response` is exactly `steps` steps "t+d=t'" separated by single spaces, t is
-    the previous total (the start first), d an allowed digit, t' = t + d mod 10, and the last
-    total is the target; `answer` is the prompt's "allowed start target". Else 0.0."""
-    allowed, start, target = answer.split()
+    the previous total (the start first), d an allowed digit and t' = t + d mod 10; `answer` is
+    the prompt's "allowed start". Else 0.0."""
+    allowed, start = answer.split()
     parts = response.strip().split(" ")
     if len(parts) != steps:
         return 0.0
@@ -165,12 +155,12 @@ def clock_walk_reward(response: str, answer: str, steps: int) -> float:
         total = (total + int(match.group(2))) % 10
         if int(match.group(3)) != total:
             return 0.0
-    return 1.0 if total == int(target) else 0.0
+    return 1.0
 
 
-def clock_walk_prompts(problems: Sequence[Tuple[str, int, int]], tokenizer: CharTokenizer
+def clock_walk_prompts(problems: Sequence[Tuple[str, int]], tokenizer: CharTokenizer
                        ) -> List[Tuple[List[int], str]]:
-    """RL prompts: (token ids of "<bos>allowed start target=", "allowed start target")."""
+    """RL prompts: (token ids of "<bos>allowed start=", "allowed start")."""
     return [([tokenizer.bos_id] + tokenizer.encode(clock_walk_prompt(*p)), " ".join(map(str, p)))
             for p in problems]
 

@@ -40,8 +40,7 @@ def build_task(cfg, step_seed: Callable[..., int]) -> Task:
             demonstrations=lambda count, seed: addition_problems(count, d.digits, seed))
     if d.task == "clock_walk":
         tokenizer = CharTokenizer()
-        train, held_out = clock_walk_split(d.walk_steps, d.walk_digits, d.eval_prompts,
-                                           d.eval_seed)
+        train, held_out = clock_walk_split(d.walk_digits, d.eval_prompts, d.eval_seed)
         reward = functools.partial(clock_walk_reward, steps=d.walk_steps)
         return Task(
             vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, decode=tokenizer.decode,
@@ -50,7 +49,7 @@ def build_task(cfg, step_seed: Callable[..., int]) -> Task:
             eval_prompts=clock_walk_prompts(held_out, tokenizer), skipped_rows={},
             score=lambda responses, answers: [reward(r, a) for r, a in zip(responses, answers)],
             demonstrations=lambda count, seed: clock_walk_demonstrations(
-                train, count, d.walk_steps, seed, aim=d.walk_aim))
+                train, count, d.walk_steps, seed, slip=d.walk_slip))
     from megatron_rl.data.prompts import load_prompt_dataset, load_tokenizer
 
     tokenizer = load_tokenizer(d.tokenizer_dir)

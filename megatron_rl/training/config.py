@@ -31,6 +31,9 @@ class TrainingConfig:
     eval_interval: int = 5  # greedy validation accuracy every N steps (0: never)
     eval_avg_k: int = 0  # also sampled accuracy avg@k at eval_temperature (0: greedy only)
     eval_temperature: float = 0.6  # the paper's evaluation temperature
+    # false: eval_accuracy (the law's R, the plots' accuracy) is avg@eval_avg_k at
+    # eval_temperature instead of greedy accuracy
+    eval_greedy: bool = True
     # Entropy-dynamics probe every N steps (0: off): actual vs first-order predicted entropy
     # change over the first optimizer step of the step (docs/analysis.md).
     probe_interval: int = 0
@@ -56,5 +59,8 @@ class TrainingConfig:
         if self.mini_batches < 1 or self.ppo_epochs < 1 or self.keep_checkpoints < 1:
             raise ValueError("training.mini_batches, training.ppo_epochs and "
                              "training.keep_checkpoints must be >= 1")
+        if not self.eval_greedy and self.eval_avg_k < 1:
+            raise ValueError("training.eval_greedy=false needs training.eval_avg_k >= 1 "
+                             "(eval_accuracy is then avg@k)")
         if self.lr < 0 or self.clip_grad < 0:
             raise ValueError("training.lr and training.clip_grad must be >= 0")

@@ -28,7 +28,7 @@ def sft_cache_key(cfg) -> str:
     # The task's problems and the held-out split shape the demonstrations; data.seed (the RL
     # prompt order) does not.
     task_keys = dict(task=d.task, digits=d.digits) if d.task == "addition" else dict(
-        task=d.task, walk_steps=d.walk_steps, walk_digits=d.walk_digits, walk_aim=d.walk_aim,
+        task=d.task, walk_steps=d.walk_steps, walk_digits=d.walk_digits, walk_slip=d.walk_slip,
         eval_prompts=d.eval_prompts, eval_seed=d.eval_seed)
     # A sample of the demonstrations themselves: a change of the task's format or of its
     # demonstrator is a new cache entry, never a stale warm start.

@@ -1,5 +1,7 @@
 """Greedy accuracy and sampled avg@k from a scripted engine: the numbers and the sampling
 parameters each evaluation asks for."""
+import pytest
+
 from megatron_rl.analysis.validation import evaluate
 from megatron_rl.rollout.types import Sample
 
@@ -37,3 +39,16 @@ def test_greedy_and_avg_at_k():
     assert (sampled.temperature, sampled.n) == (0.6, 4)
     assert evaluate(ScriptedEngine(), prompts, decode=lambda ids: str(ids[0]), score=score,
                     max_new_tokens=4) == {"eval_accuracy": 2 / 3}
+
+
+def test_sampled_accuracy_as_eval_accuracy_without_greedy_pass():
+    engine = ScriptedEngine()
+    prompts = [([5, 6], "1"), ([7], "1"), ([8, 9], "1")]
+    metrics = evaluate(engine, prompts, decode=lambda ids: str(ids[0]), score=score,
+                       max_new_tokens=4, avg_k=4, temperature=1.0, greedy=False)
+    assert metrics == {"eval_accuracy": (1 + 2 + 3) / 12}
+    (sampled,) = engine.calls
+    assert (sampled.temperature, sampled.n) == (1.0, 4)
+    with pytest.raises(ValueError, match="avg_k"):
+        evaluate(engine, prompts, decode=lambda ids: str(ids[0]), score=score,
+                 max_new_tokens=4, greedy=False)
