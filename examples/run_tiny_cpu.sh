@@ -30,7 +30,7 @@ CONFIG=examples/tiny_cpu.yaml
 OUT=runs/tiny_cpu
 declare -A METHOD_ARGS=(
   [grpo]="algorithm.loss_mode=ppo_clip"
-  [clip_cov]="algorithm.loss_mode=clip_cov"
+  [clip_cov]="algorithm.loss_mode=clip_cov algorithm.eps_low=1 algorithm.eps_high=1"
   [kl_cov]="algorithm.loss_mode=kl_cov"
   [clip_higher]="algorithm.loss_mode=ppo_clip algorithm.eps_low=0.2 algorithm.eps_high=0.28"
   [entropy_bonus]="algorithm.loss_mode=ppo_clip algorithm.entropy_coef=5e-3"

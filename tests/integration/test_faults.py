@@ -71,7 +71,7 @@ def test_nonfinite_gradients_skip_the_update(tiny_model):
 
 def test_sigterm_checkpoints_and_resumes(tmp_path):
     out = tmp_path / "run"
-    common = ["--config", "examples/tiny_cpu.yaml", f"training.output_dir={out}",
+    common = ["--config", "tests/configs/tiny_addition.yaml", f"training.output_dir={out}",
               f"training.cache_dir={tmp_path / 'cache'}", "training.sft_steps=20",
               "training.eval_interval=0", "training.probe_interval=0",
               "rollout.prompts_per_step=4", "algorithm.n=4"]
@@ -165,7 +165,7 @@ def test_dead_rank_fails_fast_and_the_job_resumes(tmp_path):
     import psutil
 
     out = tmp_path / "run"
-    common = ["megatron_rl/train.py", "--config", "examples/tiny_cpu.yaml",
+    common = ["megatron_rl/train.py", "--config", "tests/configs/tiny_addition.yaml",
               f"training.output_dir={out}", f"training.cache_dir={tmp_path / 'cache'}",
               "training.sft_steps=20", "training.eval_interval=0", "training.probe_interval=0",
               "training.checkpoint_interval=2", "rollout.prompts_per_step=4", "algorithm.n=4",

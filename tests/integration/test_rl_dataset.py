@@ -21,7 +21,7 @@ def test_rl_job_on_jsonl_with_math_reward(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     run_torchrun("megatron_rl/train.py", 2, [
-        "--config", "examples/tiny_cpu.yaml", "data.task=dataset", f"data.path={data}",
+        "--config", "tests/configs/tiny_addition.yaml", "data.task=dataset", f"data.path={data}",
         f"data.tokenizer_dir={tokenizer_dir}", "data.on_invalid=skip", "data.eval_prompts=8",
         "model.vocab_size=64", "model.make_vocab_size_divisible_by=4",
         "parallel.tensor_model_parallel_size=2", "training.sft_steps=0", "training.steps=2",

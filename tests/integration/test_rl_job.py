@@ -17,7 +17,7 @@ TIMING = {"rollout_time_s", "train_time_s", "step_time_s", "rollout_tokens_per_s
 
 
 def job_args(out_dir, cache_dir, extra=()):
-    return ["--config", "examples/tiny_cpu.yaml", f"training.output_dir={out_dir}",
+    return ["--config", "tests/configs/tiny_addition.yaml", f"training.output_dir={out_dir}",
             f"training.cache_dir={cache_dir}", "training.sft_steps=150", "data.digits=1",
             "training.steps=4",
             "training.checkpoint_interval=2", "training.keep_checkpoints=3",

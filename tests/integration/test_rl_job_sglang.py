@@ -20,7 +20,7 @@ pytestmark = pytest.mark.distributed
 
 
 def job_args(out_dir, cache_dir, python, extra=()):
-    return ["--config", "examples/tiny_cpu.yaml", f"training.output_dir={out_dir}",
+    return ["--config", "tests/configs/tiny_addition.yaml", f"training.output_dir={out_dir}",
             f"training.cache_dir={cache_dir}", "training.sft_steps=100", "data.digits=1",
             "training.steps=3", "training.checkpoint_interval=1", "training.eval_interval=3",
             "rollout.prompts_per_step=8", "algorithm.n=4",

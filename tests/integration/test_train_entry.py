@@ -16,7 +16,7 @@ from tests.torchrun import ROOT
 ])
 def test_bad_config_fails_before_starting(tmp_path, overrides, message):
     proc = subprocess.run(
-        [sys.executable, "-m", "megatron_rl.train", "--config", "examples/tiny_cpu.yaml",
+        [sys.executable, "-m", "megatron_rl.train", "--config", "tests/configs/tiny_addition.yaml",
          *overrides, f"training.output_dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

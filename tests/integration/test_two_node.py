@@ -16,7 +16,7 @@ pytestmark = pytest.mark.distributed
 
 
 def job(out, cache, layout):
-    return ["megatron_rl/train.py", "--config", "examples/tiny_cpu.yaml",
+    return ["megatron_rl/train.py", "--config", "tests/configs/tiny_addition.yaml",
             f"training.output_dir={out}", f"training.cache_dir={cache}", "training.sft_steps=30",
             "training.steps=2", "training.eval_interval=0", "training.probe_interval=0",
             "rollout.prompts_per_step=8", "algorithm.n=4", "model.make_vocab_size_divisible_by=4",
