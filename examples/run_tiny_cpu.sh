@@ -22,12 +22,13 @@
 # train.log, plots/); a previous folder of the same (method, seed) is removed first. A failed run
 # gets a FAILED file there (the aggregation leaves it out); the script exits 1 after the others
 # finish. Then runs/tiny_cpu/comparison.png, summary.json and the table.
-# Environment: VENV (default .venv); SKIP_SETUP=1 uses $VENV as it is (no ci/setup_env.sh).
+# Environment: VENV (default .venv); SKIP_SETUP=1 uses $VENV as it is (no ci/setup_env.sh);
+# OUT (default runs/tiny_cpu) is the folder of the runs and the aggregation.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 CONFIG=examples/tiny_cpu.yaml
-OUT=runs/tiny_cpu
+OUT="${OUT:-runs/tiny_cpu}"
 declare -A METHOD_ARGS=(
   [grpo]="algorithm.loss_mode=ppo_clip"
   [clip_cov]="algorithm.loss_mode=clip_cov algorithm.eps_low=1 algorithm.eps_high=1"
