@@ -11,7 +11,6 @@ so a tiny model learns them in minutes:
 import itertools
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import List, Sequence, Tuple
 
 import torch

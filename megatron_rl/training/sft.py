@@ -18,7 +18,6 @@ import torch.distributed as dist
 from megatron_rl.checkpointing.model import load_model, save_model
 from megatron_rl.data.synthetic import CharTokenizer, supervised_batch
 from megatron_rl.data.task import build_task
-from megatron_rl.training.config import TrainingConfig
 from megatron_rl.training.optimizer import build_optimizer
 from megatron_rl.training.step import train_step
 
