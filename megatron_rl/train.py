@@ -113,8 +113,8 @@ def main(argv=None):
     if cfg.model.vocab_size < task.vocab_size:
         raise SystemExit(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                          f"tokenizer's {task.vocab_size}")
-    # Verifiers other than the task's own ("exact") run in worker processes with a timeout (a hung or
-    # crashing check scores 0 and is counted, never stalls the step).
+    # Verifiers other than the task's own ("exact") run in worker processes with a timeout (a
+    # hung or crashing check scores 0 and is counted, never stalls the step).
     reward_pool = None if cfg.reward.fn == "exact" else RewardPool(
         load_reward_fn(cfg.reward.fn, cfg.reward.allowed_modules), cfg.reward.workers,
         cfg.reward.timeout_s, cfg.reward.memory_limit_mb)

@@ -22,18 +22,17 @@ def evaluate(engine, prompts: Sequence[Tuple[List[int], str]], decode: Callable[
     greedy=False: no greedy pass; "eval_accuracy" is then the avg@k itself (for tasks where the
     greedy answer hides what the policy does, e.g. a policy that is right at its mode but slips
     when it samples)."""
-    runs = [("eval_accuracy", SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens,
-                                             stop_token_ids=tuple(stop_token_ids)))]
-    if not greedy:
-        if avg_k < 1:
-            raise ValueError("greedy=False needs avg_k >= 1 samples per prompt")
-        runs = [("eval_accuracy", SamplingParams(
-            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-            stop_token_ids=tuple(stop_token_ids), n=avg_k))]
-    elif avg_k:
-        runs.append((f"eval_avg@{avg_k}", SamplingParams(
-            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-            stop_token_ids=tuple(stop_token_ids), n=avg_k)))
+    if not greedy and avg_k < 1:
+        raise ValueError("greedy=False needs avg_k >= 1 samples per prompt")
+    sampled = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                             stop_token_ids=tuple(stop_token_ids), n=avg_k) if avg_k else None
+    if greedy:
+        runs = [("eval_accuracy", SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens,
+                                                 stop_token_ids=tuple(stop_token_ids)))]
+        if sampled is not None:
+            runs.append((f"eval_avg@{avg_k}", sampled))
+    else:
+        runs = [("eval_accuracy", sampled)]
     sums = torch.zeros(2 * len(runs), dtype=torch.float64)
     for index, (_, params) in enumerate(runs):
         # Called with no prompts too: the SGLang rollout's generate is collective over ranks.

@@ -22,7 +22,8 @@ from megatron_rl.training.optimizer import build_optimizer
 from megatron_rl.training.step import train_step
 
 
-def sft_cache_key(cfg) -> str:
+def sft_cache_key(cfg, demonstrations) -> str:
+    """`demonstrations`: the task's (count, seed) -> (prompt, response) pairs function."""
     t, d = cfg.training, cfg.data
     # The task's problems and the held-out split shape the demonstrations; data.seed (the RL
     # prompt order) does not.
@@ -31,7 +32,7 @@ def sft_cache_key(cfg) -> str:
         eval_prompts=d.eval_prompts, eval_seed=d.eval_seed)
     # A sample of the demonstrations themselves: a change of the task's format or of its
     # demonstrator is a new cache entry, never a stale warm start.
-    sample = build_task(cfg, lambda *parts: 0).demonstrations(4, t.seed)
+    sample = demonstrations(4, t.seed)
     keyed = dict(model=dataclasses.asdict(cfg.model), data=task_keys, sample=sample,
                  steps=t.sft_steps, lr=t.sft_lr, batch=t.sft_batch_size, seed=t.seed,
                  seq_length=t.seq_length)
@@ -40,7 +41,9 @@ def sft_cache_key(cfg) -> str:
 
 def warm_start(model, cfg, info, log=print) -> str:
     """Load the cached SFT weights into `model`, training and caching them first if needed."""
-    path = os.path.join(cfg.training.cache_dir, f"sft-{sft_cache_key(cfg)}")
+    # the prompt order is irrelevant here: demonstrations draw their own problems
+    demonstrations = build_task(cfg, lambda *parts: 0).demonstrations
+    path = os.path.join(cfg.training.cache_dir, f"sft-{sft_cache_key(cfg, demonstrations)}")
     if os.path.exists(os.path.join(path, "done")):
         load_model(model, path)
         log(f"warm start: loaded cached SFT weights from {path}")
@@ -49,7 +52,6 @@ def warm_start(model, cfg, info, log=print) -> str:
     sft_cfg = dataclasses.replace(t, lr=t.sft_lr, lr_warmup_steps=0, steps=t.sft_steps)
     optimizer = build_optimizer([model], sft_cfg, t.use_distributed_optimizer)
     tokenizer = CharTokenizer()
-    demonstrations = build_task(cfg, lambda *parts: 0).demonstrations
     per_rank = t.sft_batch_size // info.dp_size
     num_micro = max(per_rank // t.micro_batch_size, 1)
     losses = []
