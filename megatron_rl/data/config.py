@@ -1,4 +1,5 @@
 """Prompt data config."""
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -42,5 +43,13 @@ class DataConfig:
             raise ValueError(f"data.walk_slip must be in [0, 1], got {self.walk_slip}")
         if self.eval_prompts < 1:
             raise ValueError(f"data.eval_prompts must be >= 1, got {self.eval_prompts}")
+        if self.task == "clock_walk":
+            # as many problems as data/synthetic.py clock_walk_problems lists; the held-out set
+            # must leave some for training
+            problems = 10 * math.comb(9, self.walk_digits)
+            if self.eval_prompts >= problems:
+                raise ValueError(f"data.eval_prompts={self.eval_prompts} must be below the "
+                                 f"{problems} clock_walk problems of data.walk_digits="
+                                 f"{self.walk_digits}, so some are left for training")
         if not 1 <= self.digits <= 6:
             raise ValueError(f"data.digits must be in [1, 6], got {self.digits}")

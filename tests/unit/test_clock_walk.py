@@ -2,7 +2,7 @@
 the task object the trainer builds from a config."""
 import pytest
 
-from megatron_rl.config import load_config
+from megatron_rl.config import ConfigError, load_config
 from megatron_rl.data.synthetic import (CharTokenizer, clock_walk_demonstrations,
                                         clock_walk_problems, clock_walk_reward, clock_walk_slip,
                                         clock_walk_split)
@@ -38,6 +38,16 @@ def test_held_out_set_is_disjoint_and_fixed():
     assert clock_walk_split(4, 500, eval_seed=1)[1] != held_out
     with pytest.raises(ValueError, match="data.eval_prompts"):
         clock_walk_split(4, len(clock_walk_problems(4)), eval_seed=0)
+
+
+@pytest.mark.parametrize("digits", [2, 4, 8])
+def test_config_refuses_a_held_out_set_that_leaves_no_training_problem(digits):
+    count = len(clock_walk_problems(digits))
+    base = ["data.task=clock_walk", f"data.walk_digits={digits}"]
+    cfg = load_config(None, base + [f"data.eval_prompts={count - 1}"])
+    assert cfg.data.eval_prompts == count - 1
+    with pytest.raises(ConfigError, match=f"data.eval_prompts={count} must be below the {count}"):
+        load_config(None, base + [f"data.eval_prompts={count}"])
 
 
 def test_demonstrations_are_diverse_training_problems_that_slip_as_configured():
