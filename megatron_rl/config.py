@@ -17,6 +17,7 @@ import yaml
 
 from megatron_rl.algorithms.config import AlgorithmConfig
 from megatron_rl.data.config import DataConfig
+from megatron_rl.errors import ConfigError
 from megatron_rl.models.config import ModelConfig
 from megatron_rl.parallel.config import ParallelConfig
 from megatron_rl.rewards.config import RewardConfig
@@ -40,10 +41,6 @@ _YamlLoader.add_implicit_resolver(
 
 def yaml_load(text):
     return yaml.load(text, Loader=_YamlLoader)
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, mistyped or inconsistent; the message names the key."""
 
 
 @dataclass

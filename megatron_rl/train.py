@@ -28,15 +28,6 @@ def parse_args(argv=None):
     return parser.parse_intermixed_args(argv)
 
 
-def step_seed(*parts: int) -> int:
-    """A seed for one (step, rank, ...) that does not depend on what ran before: resumed runs
-    draw exactly what the uninterrupted run drew."""
-    seed = 0
-    for p in parts:
-        seed = (seed * 1_000_003 + int(p)) % (2 ** 62)
-    return seed
-
-
 def open_scalar_sinks(cfg, out_dir: str):
     """Functions that take a metrics record: TensorBoard (training.tensorboard) and wandb
     (training.wandb_project), besides metrics.jsonl which is always written."""
@@ -98,7 +89,8 @@ def main(argv=None):
     from megatron_rl.rollout import SamplingParams
     from megatron_rl.rollout.builtin import BuiltinEngine
     from megatron_rl.rollout.sglang_rollout import SGLangRollout
-    from megatron_rl.rollout.sglang_server import EngineError
+    from megatron_rl.errors import EngineError
+    from megatron_rl.seeds import derive_seed
     from megatron_rl.training.actor import (build_reference_model, compute_logprobs,
                                             train_mini_batch)
     from megatron_rl.training.optimizer import build_lr_scheduler, build_optimizer, wrap_ddp
@@ -181,7 +173,7 @@ def main(argv=None):
                                 max_new_tokens=rc.max_new_tokens,
                                 stop_token_ids=(task.eos_id,), avg_k=t.eval_avg_k,
                                 temperature=t.eval_temperature, greedy=t.eval_greedy,
-                                seed=step_seed(rc.seed, step, info.dp_rank, 7), dp_group=dp_group)
+                                seed=derive_seed(rc.seed, step, info.dp_rank, 7), dp_group=dp_group)
 
     per_rank = rc.prompts_per_step // info.dp_size
 
@@ -215,7 +207,7 @@ def main(argv=None):
             # 1. rollout: this DP rank's prompts, n samples each
             mine = rank_prompts(step)
             samples = engine.generate([p for p, _ in mine], sampling,
-                                      seed=step_seed(rc.seed, step, info.dp_rank))
+                                      seed=derive_seed(rc.seed, step, info.dp_rank))
             if rc.async_rollout and step < t.steps:  # the next step's, while this one trains
                 engine.prefetch([p for p, _ in rank_prompts(step + 1)], sampling)
             t_rollout = time.time() - t0
@@ -258,7 +250,7 @@ def main(argv=None):
                         before = probe_batch_logits(model, probe_inputs)
                     step_metrics.append(train_mini_batch(
                         model, optimizer, mini, alg, rc.temperature, task.vocab_size,
-                        seed=step_seed(alg.seed, step, epoch, index)))
+                        seed=derive_seed(alg.seed, step, epoch, index)))
                     scheduler.step(1)
                     if probing:
                         after = probe_batch_logits(model, probe_inputs)

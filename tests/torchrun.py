@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from megatron_rl.parallel.state import free_port
+from megatron_rl.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

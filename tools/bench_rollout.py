@@ -63,7 +63,7 @@ def raw_gloo_seconds(nbytes, repeats):
     """Seconds per broadcast of nbytes to a helper process (warm-up first), each until acked."""
     import torch.distributed as dist
 
-    from megatron_rl.parallel.state import free_port
+    from megatron_rl.ports import free_port
     from megatron_rl.rollout.sglang_engine import weight_sync_group
 
     port = free_port()

@@ -14,7 +14,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_rl.checkpointing.model import verify_checkpoint_metadata
-from megatron_rl.models.gpt import unwrap_model
+from megatron_rl.models.unwrap import unwrap_model
 
 LATEST = "latest"
 STATE_FILE = "train_state.json"

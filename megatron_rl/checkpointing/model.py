@@ -4,7 +4,7 @@ import os
 
 import torch.distributed as dist
 
-from megatron_rl.models.gpt import unwrap_model
+from megatron_rl.models.unwrap import unwrap_model
 
 
 def save_model(model, directory: str) -> None:

@@ -9,6 +9,7 @@ from megatron_rl.data.synthetic import (CharTokenizer, addition_problems, additi
                                         clock_walk_demonstrations, clock_walk_prompts,
                                         clock_walk_reward, clock_walk_split, draw)
 from megatron_rl.rewards.synthetic import score as exact_score
+from megatron_rl.seeds import derive_seed
 
 Prompt = Tuple[List[int], str]  # (prompt token ids, ground-truth answer)
 
@@ -27,14 +28,14 @@ class Task:
     demonstrations: Optional[Callable[[int, int], List[Tuple[str, str]]]] = None
 
 
-def build_task(cfg, step_seed: Callable[..., int]) -> Task:
+def build_task(cfg) -> Task:
     d = cfg.data
     if d.task == "addition":
         tokenizer = CharTokenizer()
         return Task(
             vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, decode=tokenizer.decode,
             prompts_for_step=lambda step, count: addition_prompts(
-                count, d.digits, step_seed(d.seed, step), tokenizer),
+                count, d.digits, derive_seed(d.seed, step), tokenizer),
             eval_prompts=addition_prompts(d.eval_prompts, d.digits, d.eval_seed, tokenizer),
             skipped_rows={},
             demonstrations=lambda count, seed: addition_problems(count, d.digits, seed))
@@ -45,7 +46,7 @@ def build_task(cfg, step_seed: Callable[..., int]) -> Task:
         return Task(
             vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, decode=tokenizer.decode,
             prompts_for_step=lambda step, count: clock_walk_prompts(
-                draw(train, count, step_seed(d.seed, step)), tokenizer),
+                draw(train, count, derive_seed(d.seed, step)), tokenizer),
             eval_prompts=clock_walk_prompts(held_out, tokenizer), skipped_rows={},
             score=lambda responses, answers: [reward(r, a) for r, a in zip(responses, answers)],
             demonstrations=lambda count, seed: clock_walk_demonstrations(

@@ -13,13 +13,6 @@ from megatron_rl.parallel.config import ParallelConfig
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def unwrap_model(model):
-    """The GPTModel inside megatron's DDP and Float16Module wrappers (each adds `.module`)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def transformer_engine_available() -> bool:
     if importlib.util.find_spec("transformer_engine") is None:
         return False

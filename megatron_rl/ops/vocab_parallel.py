@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from megatron_rl.ops import reference
+import megatron_rl.ops.reference as reference
 
 try:
     from megatron_rl import _C  # noqa: F401  (loading it registers torch.ops.megatron_rl)

@@ -35,7 +35,7 @@ class ParallelConfig:
 
     def resolve_data_parallel(self, world_size: int) -> int:
         """Set and return the DP size for `world_size`; raise naming the keys if impossible."""
-        from megatron_rl.config import ConfigError
+        from megatron_rl.errors import ConfigError
 
         mp = self.model_parallel_size
         layout = (f"parallel.tensor_model_parallel_size={self.tensor_model_parallel_size} x "

@@ -9,7 +9,7 @@ from typing import Dict, Iterable, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_rl.models.gpt import unwrap_model
+from megatron_rl.models.unwrap import unwrap_model
 
 _LAYER = re.compile(r"^(.*decoder\.layers\.)(\d+)(\..*)$")
 

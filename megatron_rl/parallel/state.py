@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from megatron_rl.compat import apply_cpu_patches
 from megatron_rl.parallel.config import ParallelConfig
+from megatron_rl.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -33,15 +34,6 @@ class ParallelInfo:
     @property
     def is_last_pp_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for 1-rank groups and test launches)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def device_for_rank() -> torch.device:

@@ -30,7 +30,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from megatron_rl.models.gpt import unwrap_model
+from megatron_rl.models.unwrap import unwrap_model
+from megatron_rl.seeds import derive_seed
 from megatron_rl.rollout.types import Sample, SamplingParams
 
 
@@ -238,7 +239,7 @@ class BuiltinEngine:
         stop_ids = torch.tensor(list(params.stop_token_ids), dtype=torch.long, device=device)
 
         generator = torch.Generator(device=device)
-        generator.manual_seed(self.seed * 1000003 + self._calls if seed is None else seed)
+        generator.manual_seed(derive_seed(self.seed, self._calls) if seed is None else seed)
         self._calls += 1
 
         was_training = model.training

@@ -30,8 +30,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.rollout.config import SGLangConfig
-from megatron_rl.rollout.sglang_server import (EngineError, SGLangRouter, SGLangServer, log_tail,
+from megatron_rl.errors import EngineError
+from megatron_rl.rollout.sglang_server import (SGLangRouter, SGLangServer, log_tail,
                                                router_installed)
+from megatron_rl.seeds import derive_seed
 from megatron_rl.rollout.types import Sample, SamplingParams
 
 NamedTensors = Iterable[Tuple[str, torch.Tensor]]
@@ -129,7 +131,7 @@ def start_servers(model_path: str, cfg: SGLangConfig, log_dir: str, num_engines:
                   seed: int = 0, log_prefix: str = "") -> List[SGLangServer]:
     """Start num_engines servers on this host (ports chosen free and distinct, GPUs from
     first_gpu on, tp_size each), wait until every one generates; stop them all if one fails."""
-    from megatron_rl.parallel.state import free_port
+    from megatron_rl.ports import free_port
 
     ports = set()
     while len(ports) < 2 * num_engines:
@@ -139,7 +141,7 @@ def start_servers(model_path: str, cfg: SGLangConfig, log_dir: str, num_engines:
                             os.path.join(log_dir, f"{log_prefix}sglang_{i}.log"),
                             dist_port=ports[2 * i + 1], device=device,
                             gpu_id=first_gpu + i * cfg.tp_size,
-                            weight_version=weight_version, seed=seed + i)
+                            weight_version=weight_version, seed=derive_seed(seed, i))
                for i in range(num_engines)]
     try:
         for server in servers:
@@ -470,7 +472,7 @@ class SGLangEngine:
 
     def _group(self, index: int) -> Tuple[dist.ProcessGroup, str]:
         if index not in self._groups:
-            from megatron_rl.parallel.state import free_port
+            from megatron_rl.ports import free_port
 
             port, name = free_port(), f"megatron_rl_weight_sync_{index}_{self.restarts}"
             backend = "gloo" if self.servers[index].device == "cpu" else "nccl"

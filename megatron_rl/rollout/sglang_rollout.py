@@ -20,7 +20,9 @@ from typing import List, Optional, Sequence
 import torch.distributed as dist
 
 from megatron_rl.rollout.sglang_engine import SGLangEngine, start_servers
-from megatron_rl.rollout.sglang_server import EngineError, SGLangServer
+from megatron_rl.errors import EngineError
+from megatron_rl.rollout.sglang_server import SGLangServer
+from megatron_rl.seeds import derive_seed
 from megatron_rl.rollout.types import Sample, SamplingParams
 from megatron_rl.rollout.weight_sync import hf_weights, write_hf_folder
 
@@ -51,7 +53,7 @@ class SGLangRollout:
                     init_dir, self.scfg, os.path.join(out_dir, "engines"),
                     self.scfg.engines_per_node, device,
                     first_gpu=local_world if self.scfg.placement == "disaggregated" else 0,
-                    weight_version=weight_version, seed=cfg.rollout.seed + 1000 * node,
+                    weight_version=weight_version, seed=derive_seed(cfg.rollout.seed, node),
                     log_prefix=f"node{node}_")
                 self.local_servers = {i: server for i, server in enumerate(servers)}
             except EngineError as e:

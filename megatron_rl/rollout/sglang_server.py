@@ -14,6 +14,8 @@ from typing import Callable, List, Optional
 
 import requests
 
+from megatron_rl.errors import EngineError
+from megatron_rl.ports import free_port
 from megatron_rl.rollout.config import SGLangConfig
 
 # SGLang's CPU path (README "SGLang on CPU"): the torch-native attention and sampling backends are
@@ -25,10 +27,6 @@ CPU_ARGS = ("--device", "cpu", "--attention-backend", "torch_native",
 TORCHRUN_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                       "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME",
                       "MASTER_ADDR", "MASTER_PORT"}
-
-
-class EngineError(RuntimeError):
-    """A server did not start, died, or stopped answering."""
 
 
 def log_tail(path: str, lines: int = 30) -> str:
@@ -251,8 +249,6 @@ class SGLangRouter:
                 "--log-level", "warn"]
 
     def start(self) -> None:
-        from megatron_rl.parallel.state import free_port
-
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.process = spawn_logged(self.command(port), clean_env(), self.log_path)

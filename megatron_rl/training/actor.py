@@ -58,7 +58,8 @@ def build_reference_model(policy, model_cfg, parallel_cfg):
     layout so each rank copies its own shard and computes its log-probs with the same
     vocab-parallel op (compute_logprobs). No gradient, in no optimizer, never trained; eval mode,
     so dropout (if any) never perturbs it. Collective: every rank calls it."""
-    from megatron_rl.models.gpt import build_gpt_model, unwrap_model
+    from megatron_rl.models.gpt import build_gpt_model
+    from megatron_rl.models.unwrap import unwrap_model
 
     reference = build_gpt_model(model_cfg, parallel_cfg)
     reference.load_state_dict(unwrap_model(policy).state_dict())

@@ -42,7 +42,7 @@ def sft_cache_key(cfg, demonstrations) -> str:
 def warm_start(model, cfg, info, log=print) -> str:
     """Load the cached SFT weights into `model`, training and caching them first if needed."""
     # the prompt order is irrelevant here: demonstrations draw their own problems
-    demonstrations = build_task(cfg, lambda *parts: 0).demonstrations
+    demonstrations = build_task(cfg).demonstrations
     path = os.path.join(cfg.training.cache_dir, f"sft-{sft_cache_key(cfg, demonstrations)}")
     if os.path.exists(os.path.join(path, "done")):
         load_model(model, path)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from megatron_rl.parallel.state import free_port
+from megatron_rl.ports import free_port
 from tests.torchrun import ROOT
 
 pytestmark = pytest.mark.distributed

@@ -20,7 +20,7 @@ from megatron_rl.checkpointing.model import load_model
 from megatron_rl.config import load_config
 from megatron_rl.models.gpt import build_gpt_model
 from megatron_rl.parallel import state
-from megatron_rl.parallel.state import free_port
+from megatron_rl.ports import free_port
 from megatron_rl.training.actor import compute_logprobs, train_mini_batch
 from megatron_rl.training.optimizer import build_lr_scheduler, build_optimizer, wrap_ddp
 from tests.torchrun import ROOT

@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from megatron_rl.parallel.state import free_port
+from megatron_rl.ports import free_port
 from tests.torchrun import ROOT, run_torchrun, sglang_python
 
 pytestmark = pytest.mark.distributed

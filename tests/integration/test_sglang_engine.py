@@ -20,7 +20,7 @@ from megatron_rl.rollout import SamplingParams
 from megatron_rl.rollout.builtin import BuiltinEngine
 from megatron_rl.rollout.config import SGLangConfig
 from megatron_rl.rollout.sglang_engine import SGLangEngine
-from megatron_rl.rollout.sglang_server import EngineError
+from megatron_rl.errors import EngineError
 from megatron_rl.rollout.weight_sync import hf_weights, write_hf_folder
 from tests.torchrun import sglang_python
 
