@@ -53,8 +53,11 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
 
-    def validate(self, world_size: int) -> None:
-        """Cross-component checks that need the world size (layout vs model shape)."""
+    def validate(self, world_size: int, on_this_host: bool = False) -> None:
+        """Cross-component checks that need the world size (layout vs model shape, batch
+        splits, the built-in tasks' vocabulary). on_this_host: also the checks that read this
+        host (the tokenizer files' vocabulary, TransformerEngine for sequence parallelism);
+        the entry points ask for them so every config error comes before any process group."""
         p, m = self.parallel, self.model
         p.resolve_data_parallel(world_size)
         if m.num_attention_heads % p.tensor_model_parallel_size:
@@ -85,6 +88,19 @@ class JobConfig:
         if p.sequence_parallel and p.tensor_model_parallel_size == 1:
             raise ConfigError("parallel.sequence_parallel=true needs "
                               "parallel.tensor_model_parallel_size > 1")
+        if self.data.task != "dataset" or on_this_host:
+            from megatron_rl.data.task import task_vocab_size
+
+            vocab = task_vocab_size(self.data)
+            if m.vocab_size < vocab:
+                raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the "
+                                  f"tokenizer's {vocab} (data.task={self.data.task})")
+        if on_this_host:
+            from megatron_rl.models.gpt import sequence_parallel_unsupported
+
+            unsupported = sequence_parallel_unsupported(m, p)
+            if unsupported:
+                raise ConfigError(unsupported)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,8 +239,9 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
-                world_size: Optional[int] = None, cls=JobConfig):
-    """Load `path` (YAML), apply overrides, build the dataclass and validate the layout."""
+                world_size: Optional[int] = None, cls=JobConfig, on_this_host: bool = False):
+    """Load `path` (YAML), apply overrides, build the dataclass and, given the world size,
+    validate it (JobConfig.validate; on_this_host adds the checks that read this host)."""
     data: Dict[str, Any] = {}
     if path is not None:
         try:
@@ -240,7 +257,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
     try:
         cfg = from_dict(cls, data)
         if world_size is not None:
-            cfg.validate(world_size)
+            cfg.validate(world_size, on_this_host=on_this_host)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
     return cfg

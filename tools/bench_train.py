@@ -45,6 +45,7 @@ def main():
     from megatron_rl.models.gpt import build_gpt_model
     from megatron_rl.parallel import state
     from megatron_rl.training.actor import compute_logprobs, train_mini_batch
+    from megatron_rl.training.rl_batch import MicroBatch
     from megatron_rl.training.optimizer import build_optimizer, wrap_ddp
 
     cfg = load_config(None, [f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
@@ -58,7 +59,9 @@ def main():
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
     mask = torch.zeros(args.batch, args.seq)
     mask[:, args.seq // 4:] = 1.0  # responses: the last three quarters
-    micro = [dict(tokens=t, targets=y, loss_mask=m, advantages=torch.randn(m.shape, generator=g) * m)
+    micro = [MicroBatch(tokens=t, targets=y, loss_mask=m,
+                        advantages=torch.randn(m.shape, generator=g) * m,
+                        rollout_logprobs=torch.zeros(m.shape))
              for t, y, m in zip(tokens[:, :-1].chunk(args.batch // args.micro),
                                 tokens[:, 1:].chunk(args.batch // args.micro),
                                 mask.chunk(args.batch // args.micro))]
@@ -68,7 +71,7 @@ def main():
     model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel))
     optimizer = build_optimizer([model], cfg.training)
     for mb, lp in zip(micro, compute_logprobs(model, micro, 1.0, args.vocab)):
-        mb["old_logprobs"] = lp
+        mb.old_logprobs = lp
     alg = AlgorithmConfig(loss_mode="ppo_clip")
     train_mini_batch(model, optimizer, micro, alg, 1.0, args.vocab, seed=0)  # warm-up
     t0 = time.perf_counter()
@@ -84,9 +87,9 @@ def main():
 
     def plain_step():
         for mb in micro:
-            logits = plain(mb["tokens"], positions.expand_as(mb["tokens"]), None)
+            logits = plain(mb.tokens, positions.expand_as(mb.tokens), None)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
-                                                     mb["targets"].flatten())
+                                                     mb.targets.flatten())
             (loss / len(micro)).backward()
         adam.step()
         adam.zero_grad(set_to_none=True)

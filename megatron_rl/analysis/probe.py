@@ -102,30 +102,14 @@ def probe_entropy_dynamics(logits_before: torch.Tensor, logits_after: torch.Tens
                         metrics=_agreement_metrics(actual, predicted, entropy_before, dp_group))
 
 
-@torch.no_grad()
-def probe_batch_logits(model, micro_batches: List[Dict]) -> Optional[torch.Tensor]:
-    """This rank's logits shard [B, s, V_local] of a fixed probe batch (micro-batches with "tokens"
-    [b, s] of one sequence length), concatenated over micro-batches; a forward-only pass through
-    megatron's schedule, in eval mode. None on pipeline stages other than the last."""
-    from megatron.core import parallel_state as mpu
+def probe_batch_logits(model, micro_batches: List) -> Optional[torch.Tensor]:
+    """This rank's logits shard [B, s, V_local] of a fixed probe batch (micro-batches with
+    `tokens` [b, s] of one sequence length), concatenated over micro-batches; a forward-only pass
+    in eval mode. None on pipeline stages other than the last."""
+    from megatron_rl.training.step import forward_only
 
-    from megatron_rl.training.step import forward_backward
-
-    captured = []
-
-    def keep_logits(batch, logits):
-        captured.append(logits.detach().clone())  # the schedule may free its output buffers
-        return logits.new_zeros(()), {}
-
-    # eval mode: with dropout on, before and after would differ by the dropout masks
-    was_training = model.training
-    model.eval()
-    try:
-        forward_backward([model], [dict(tokens=mb["tokens"]) for mb in micro_batches], keep_logits,
-                         forward_only=True)
-    finally:
-        model.train(was_training)
-    return torch.cat(captured) if mpu.is_pipeline_last_stage() else None
+    captured = forward_only(model, micro_batches, lambda batch, logits: logits.detach().clone())
+    return None if captured is None else torch.cat(captured)
 
 
 PROBE_DIR = "probe"

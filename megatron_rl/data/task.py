@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from megatron_rl.data.synthetic import (CharTokenizer, addition_problems, addition_prompts,
                                         clock_walk_demonstrations, clock_walk_prompts,
                                         clock_walk_reward, clock_walk_split, draw)
+from megatron_rl.errors import ConfigError
 from megatron_rl.rewards.synthetic import score as exact_score
 from megatron_rl.seeds import derive_seed
 
@@ -26,6 +27,20 @@ class Task:
     score: Callable[[Sequence[str], Sequence[str]], List[float]] = exact_score
     # (count, seed) -> (prompt text, response text) pairs for the warm start; None: no warm start
     demonstrations: Optional[Callable[[int, int], List[Tuple[str, str]]]] = None
+
+
+def task_vocab_size(d) -> int:
+    """The vocabulary the model must cover for data config `d` (the dataset task reads its
+    tokenizer from data.tokenizer_dir); ConfigError naming the key when it cannot be read."""
+    if d.task != "dataset":
+        return CharTokenizer().vocab_size
+    from megatron_rl.data.prompts import load_tokenizer
+
+    try:
+        return len(load_tokenizer(d.tokenizer_dir))
+    except Exception as e:
+        raise ConfigError(f"data.tokenizer_dir={d.tokenizer_dir}: no tokenizer could be "
+                          f"loaded from it ({type(e).__name__}: {e})") from e
 
 
 def build_task(cfg) -> Task:

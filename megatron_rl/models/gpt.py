@@ -3,6 +3,7 @@
 TransformerEngine's layer spec when TE imports (GPU hosts), megatron's local spec otherwise.
 """
 import importlib.util
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,16 @@ def layer_spec(cfg: ModelConfig):
                                                     qk_layernorm=cfg.qk_layernorm)
 
 
+def sequence_parallel_unsupported(cfg: ModelConfig, parallel: ParallelConfig) -> Optional[str]:
+    """Why parallel.sequence_parallel cannot run on this host, or None when it can (or is off)."""
+    if parallel.sequence_parallel and not use_transformer_engine(cfg):
+        # megatron's local spec builds torch norms, which assert against it: their weight
+        # gradients would need a TP all-reduce that only TE's (and apex's) norms do.
+        return ("parallel.sequence_parallel=true needs TransformerEngine layers (a GPU host "
+                "with transformer-engine); megatron's local spec, used here, does not support it")
+    return None
+
+
 def build_gpt_model(cfg: ModelConfig, parallel: ParallelConfig, pre_process=None,
                     post_process=None):
     """Build this rank's part of the model (its TP shard of its PP stage).
@@ -106,12 +117,9 @@ def build_gpt_model(cfg: ModelConfig, parallel: ParallelConfig, pre_process=None
     from megatron.core import parallel_state as mpu
     from megatron.core.models.gpt import GPTModel
 
-    if parallel.sequence_parallel and not use_transformer_engine(cfg):
-        # megatron's local spec builds torch norms, which assert against it: their weight
-        # gradients would need a TP all-reduce that only TE's (and apex's) norms do.
-        raise ValueError("parallel.sequence_parallel=true needs TransformerEngine layers (a GPU "
-                         "host with transformer-engine); megatron's local spec, used here, does "
-                         "not support it")
+    unsupported = sequence_parallel_unsupported(cfg, parallel)
+    if unsupported:
+        raise ValueError(unsupported)
     if pre_process is None:
         pre_process = mpu.is_pipeline_first_stage()
     if post_process is None:

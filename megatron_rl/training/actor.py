@@ -15,41 +15,25 @@ import torch.distributed as dist
 from megatron_rl.algorithms import TokenStats, covariance_metrics, policy_loss, select_tokens
 from megatron_rl.algorithms.config import AlgorithmConfig
 from megatron_rl.ops import vocab_parallel_logprobs_entropy
-from megatron_rl.training.step import forward_backward
+from megatron_rl.training.rl_batch import MicroBatch
+from megatron_rl.training.step import all_finite, forward_backward, forward_only, optimizer_step
 
 
-def token_logprobs(batch: Dict, logits: torch.Tensor, temperature: float, vocab_size: int):
+def token_logprobs(batch: MicroBatch, logits: torch.Tensor, temperature: float, vocab_size: int):
     from megatron.core import parallel_state as mpu
 
-    return vocab_parallel_logprobs_entropy(logits, batch["targets"], temperature,
+    return vocab_parallel_logprobs_entropy(logits, batch.targets, temperature,
                                            group=mpu.get_tensor_model_parallel_group(),
                                            vocab_size=vocab_size)
 
 
-def model_inputs(micro_batches: List[Dict]) -> List[Dict]:
-    # No "labels" key: the model then returns logits (not megatron's cross-entropy).
-    return [dict(tokens=mb["tokens"]) for mb in micro_batches]
-
-
-@torch.no_grad()
-def compute_logprobs(model, micro_batches: List[Dict], temperature: float,
+def compute_logprobs(model, micro_batches: List[MicroBatch], temperature: float,
                      vocab_size: int) -> Optional[List[torch.Tensor]]:
     """Per-token log-probs of each micro-batch's targets [b, s] on the last pipeline stage
     (None on the other stages)."""
-    from megatron.core import parallel_state as mpu
-
-    captured = []
-
-    def capture(batch, logits):
-        lp, _ = token_logprobs(batch, logits, temperature, vocab_size)
-        captured.append(lp)
-        return logits.new_zeros(()), {}
-
-    inputs = model_inputs(micro_batches)
-    for inp, mb in zip(inputs, micro_batches):
-        inp["targets"] = mb["targets"]
-    forward_backward([model], inputs, capture, forward_only=True)
-    return captured if mpu.is_pipeline_last_stage() else None
+    return forward_only(model, micro_batches,
+                        lambda batch, logits: token_logprobs(batch, logits, temperature,
+                                                             vocab_size)[0])
 
 
 def build_reference_model(policy, model_cfg, parallel_cfg):
@@ -68,19 +52,19 @@ def build_reference_model(policy, model_cfg, parallel_cfg):
     return reference
 
 
-def _flat_cat(micro_batches: List[Dict], key: str) -> torch.Tensor:
-    return torch.cat([mb[key].reshape(-1) for mb in micro_batches])
+def _flat_cat(micro_batches: List[MicroBatch], key: str) -> torch.Tensor:
+    return torch.cat([getattr(mb, key).reshape(-1) for mb in micro_batches])
 
 
-def _split_like(flat: torch.Tensor, micro_batches: List[Dict]) -> List[torch.Tensor]:
-    sizes = [mb["loss_mask"].numel() for mb in micro_batches]
-    return [part.view_as(mb["loss_mask"]) for part, mb in zip(flat.split(sizes), micro_batches)]
+def _split_like(flat: torch.Tensor, micro_batches: List[MicroBatch]) -> List[torch.Tensor]:
+    sizes = [mb.loss_mask.numel() for mb in micro_batches]
+    return [part.view_as(mb.loss_mask) for part, mb in zip(flat.split(sizes), micro_batches)]
 
 
-def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: AlgorithmConfig,
+def train_mini_batch(model, optimizer, micro_batches: List[MicroBatch], cfg: AlgorithmConfig,
                      temperature: float, vocab_size: int, seed: int) -> Dict[str, float]:
-    """One optimizer step on one mini-batch (this rank's micro-batches). Needs "old_logprobs" in
-    every micro-batch on the last stage, and "ref_logprobs" when cfg.kl_ref_coef > 0. Returns
+    """One optimizer step on one mini-batch (this rank's micro-batches). Needs old_logprobs in
+    every micro-batch on the last stage, and ref_logprobs when cfg.kl_ref_coef > 0. Returns
     metrics (token means over the whole mini-batch across DP ranks) on the last stage, {}
     elsewhere."""
     from megatron.core import parallel_state as mpu
@@ -88,8 +72,8 @@ def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: Algorithm
     dp_group = mpu.get_data_parallel_group()
     dp_size = mpu.get_data_parallel_world_size()
     last_stage = mpu.is_pipeline_last_stage()
-    counts = torch.tensor([sum(float(mb["loss_mask"].sum()) for mb in micro_batches),
-                           sum(float((mb["loss_mask"].sum(-1) > 0).sum()) for mb in micro_batches)],
+    counts = torch.tensor([sum(float(mb.loss_mask.sum()) for mb in micro_batches),
+                           sum(float((mb.loss_mask.sum(-1) > 0).sum()) for mb in micro_batches)],
                           dtype=torch.float64)
     dist.all_reduce(counts, group=dp_group)
     num_tokens, num_sequences = counts.tolist()
@@ -108,14 +92,12 @@ def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: Algorithm
         current_parts = compute_logprobs(model, micro_batches, temperature, vocab_size)
         if last_stage:
             current = torch.cat([lp.reshape(-1) for lp in current_parts])
-    if last_stage and not all_finite([current] + [mb[k] for mb in micro_batches
-                                                 for k in ("old_logprobs", "advantages")]
-                                     + [mb.get("ref_logprobs") for mb in micro_batches],
-                                     dp_group):
+    if last_stage and not all_finite([current] + [t for mb in micro_batches for t in (
+            mb.old_logprobs, mb.advantages, mb.ref_logprobs)], dp_group):
         # A NaN/inf log-prob or advantage: no selection (it needs finite covariances); the loss
-        # turns non-finite too and grads_are_finite skips the update below.
+        # turns non-finite too and optimizer_step skips the update below.
         if cfg.loss_mode in ("clip_cov", "kl_cov"):
-            selected = [torch.zeros_like(mb["loss_mask"], dtype=torch.bool)
+            selected = [torch.zeros_like(mb.loss_mask, dtype=torch.bool)
                         for mb in micro_batches]
     elif last_stage and cfg.loss_mode in ("clip_cov", "kl_cov"):
         old = _flat_cat(micro_batches, "old_logprobs")
@@ -139,33 +121,19 @@ def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: Algorithm
     def loss_fn(batch, logits):
         logprobs, entropy = token_logprobs(batch, logits, temperature, vocab_size)
         loss, step_stats = policy_loss(
-            logprobs, batch["old_logprobs"], batch["advantages"], batch["loss_mask"], cfg,
-            selected=batch.get("selected"), entropy=entropy,
-            ref_logprobs=batch.get("ref_logprobs"),
-            rollout_logprobs=batch.get("rollout_logprobs"),
+            logprobs, batch.old_logprobs, batch.advantages, batch.loss_mask, cfg,
+            selected=batch.selected, entropy=entropy, ref_logprobs=batch.ref_logprobs,
+            rollout_logprobs=batch.rollout_logprobs,
             num_global_tokens=max(num_tokens, 1.0), num_global_sequences=max(num_sequences, 1.0))
         stats.add(step_stats)
         return loss * scale, {}
 
-    inputs = model_inputs(micro_batches)
-    for inp, mb, sel in zip(inputs, micro_batches, selected):
-        inp.update(targets=mb["targets"], old_logprobs=mb.get("old_logprobs"),
-                   advantages=mb["advantages"], loss_mask=mb["loss_mask"])
-        if sel is not None:
-            inp["selected"] = sel
-        if cfg.rollout_is_cap is not None:
-            inp["rollout_logprobs"] = mb["rollout_logprobs"]
-        if cfg.kl_ref_coef:
-            inp["ref_logprobs"] = mb.get("ref_logprobs")
+    for mb, sel in zip(micro_batches, selected):
+        mb.selected = sel
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    forward_backward([model], inputs, loss_fn)
-    if grads_are_finite(model):
-        update_ok, grad_norm, _ = optimizer.step()
-    else:  # weights and optimizer state stay as they were
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        update_ok, grad_norm = False, None
+    forward_backward([model], micro_batches, loss_fn)
+    update_ok, grad_norm = optimizer_step([model], optimizer)
     if not last_stage:
         return {"nonfinite_skipped": float(not update_ok)}
     metrics = stats.reduce(dp_group)
@@ -175,17 +143,3 @@ def train_mini_batch(model, optimizer, micro_batches: List[Dict], cfg: Algorithm
     metrics["nonfinite_skipped"] = float(not update_ok)
     return metrics
 
-
-def all_finite(tensors, group=None) -> bool:
-    """True when every given tensor (None skipped) on every rank of `group` (None: the whole
-    job) is finite: one all-reduce, so every rank takes the same decision."""
-    local = all(bool(torch.isfinite(x).all()) for x in tensors if x is not None)
-    flag = torch.tensor([1.0 if local else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-    return bool(flag.item())
-
-
-def grads_are_finite(model) -> bool:
-    """A NaN/inf loss leaves NaN gradients; checked over the whole job before the optimizer step
-    because megatron's fp32 optimizer has no found-inf check of its own."""
-    return all_finite([getattr(p, "main_grad", p.grad) for p in model.parameters()])

@@ -19,7 +19,7 @@ from megatron_rl.checkpointing.model import load_model, save_model
 from megatron_rl.data.synthetic import CharTokenizer, supervised_batch
 from megatron_rl.data.task import build_task
 from megatron_rl.training.optimizer import build_optimizer
-from megatron_rl.training.step import train_step
+from megatron_rl.training.step import SupervisedBatch, train_step
 
 
 def sft_cache_key(cfg, demonstrations) -> str:
@@ -56,11 +56,12 @@ def warm_start(model, cfg, info, log=print) -> str:
     num_micro = max(per_rank // t.micro_batch_size, 1)
     losses = []
     for step in range(1, t.sft_steps + 1):
+        # Not derive_seed: the cached warm starts, the regression baselines and the README's
+        # figure were all drawn from these seeds; moving them re-draws every warm start.
         problems = demonstrations(t.sft_batch_size, t.seed * 7919 + step)
         mine = problems[info.dp_rank * per_rank: (info.dp_rank + 1) * per_rank]
         tokens, labels, mask = supervised_batch(mine, tokenizer, t.seq_length)
-        micro = [dict(tokens=a.to(info.device), labels=b.to(info.device),
-                      loss_mask=c.to(info.device))
+        micro = [SupervisedBatch(a.to(info.device), b.to(info.device), c.to(info.device))
                  for a, b, c in zip(tokens.chunk(num_micro), labels.chunk(num_micro),
                                     mask.chunk(num_micro))]
         metrics, _, _ = train_step([model], optimizer, micro)
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides,
-                          world_size=int(os.environ.get("WORLD_SIZE", "1")))
+                          world_size=int(os.environ.get("WORLD_SIZE", "1")), on_this_host=True)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

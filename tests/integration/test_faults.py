@@ -2,6 +2,7 @@
 or optimizer state; SIGTERM writes a checkpoint of the current step and exits cleanly; a crash
 mid-checkpoint leaves the previous one loadable; a killed rank fails the launch fast and the job
 resumes."""
+import dataclasses
 import json
 import os
 import pickle
@@ -22,6 +23,7 @@ from megatron_rl.models.gpt import build_gpt_model
 from megatron_rl.parallel import state
 from megatron_rl.ports import free_port
 from megatron_rl.training.actor import compute_logprobs, train_mini_batch
+from megatron_rl.training.rl_batch import MicroBatch
 from megatron_rl.training.optimizer import build_lr_scheduler, build_optimizer, wrap_ddp
 from tests.torchrun import ROOT
 
@@ -43,9 +45,10 @@ def test_nonfinite_gradients_skip_the_update(tiny_model):
     cfg, model, optimizer = tiny_model
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 40, (4, 10), generator=g)
-    batch = dict(tokens=tokens, targets=torch.roll(tokens, -1, 1),
-                 loss_mask=torch.ones(4, 10), advantages=torch.randn(4, 10, generator=g))
-    batch["old_logprobs"] = compute_logprobs(model, [batch], 1.0, 40)[0]
+    batch = MicroBatch(tokens=tokens, targets=torch.roll(tokens, -1, 1),
+                       loss_mask=torch.ones(4, 10), advantages=torch.randn(4, 10, generator=g),
+                       rollout_logprobs=torch.zeros(4, 10))
+    batch.old_logprobs = compute_logprobs(model, [batch], 1.0, 40)[0]
     alg = AlgorithmConfig(loss_mode="kl_cov", k=0.1)
 
     def snapshot():
@@ -55,8 +58,8 @@ def test_nonfinite_gradients_skip_the_update(tiny_model):
         return params, opt
 
     before = snapshot()
-    poisoned = dict(batch, advantages=batch["advantages"].clone())
-    poisoned["advantages"][1, 3] = float("nan")
+    poisoned = dataclasses.replace(batch, advantages=batch.advantages.clone())
+    poisoned.advantages[1, 3] = float("nan")
     metrics = train_mini_batch(model, optimizer, [poisoned], alg, 1.0, 40, seed=0)
     assert metrics["nonfinite_skipped"] == 1.0 and metrics["update_ok"] == 0.0
     after = snapshot()

@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import warnings
+from types import SimpleNamespace
 
 warnings.filterwarnings("ignore")
 
@@ -30,7 +31,8 @@ from megatron_rl.parallel import state  # noqa: E402
 from megatron_rl.parallel.gather import full_state  # noqa: E402
 from megatron_rl.models.gpt import build_gpt_model  # noqa: E402
 from megatron_rl.training.optimizer import build_optimizer, wrap_ddp  # noqa: E402
-from megatron_rl.training.step import forward_backward, token_mean_loss, train_step  # noqa: E402
+from megatron_rl.training.rl_batch import MicroBatch  # noqa: E402
+from megatron_rl.training.step import forward_only, token_mean_loss, train_step  # noqa: E402
 from megatron_rl.checkpointing.model import load_model, save_model  # noqa: E402
 from megatron_rl.algorithms import AlgorithmConfig  # noqa: E402
 from megatron_rl.training import actor  # noqa: E402
@@ -82,7 +84,7 @@ def micro_batches(dp_rank, dp_size, full_batch):
         sl = slice(dp_rank * per, (dp_rank + 1) * per)
         tokens, labels, mask, advantages = tokens[sl], labels[sl], mask[sl], advantages[sl]
     n = MICRO_BATCHES if full_batch else MICRO_BATCHES // dp_size
-    return [dict(tokens=t, labels=l, loss_mask=m, advantages=a)
+    return [SimpleNamespace(tokens=t, labels=l, loss_mask=m, advantages=a)
             for t, l, m, a in zip(tokens.chunk(n), labels.chunk(n), mask.chunk(n),
                                   advantages.chunk(n))]
 
@@ -105,18 +107,12 @@ def setup(layout, world):
 
 def gathered_logits(model, batches):
     """Full-vocabulary logits on the last stage (None elsewhere)."""
-    from megatron.core import parallel_state as mpu
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    captured = []
-
-    def capture(batch, logits):
-        captured.append(gather_from_tensor_model_parallel_region(logits).detach().clone())
-        return logits.sum() * 0, {}
-
-    nolabel = [dict(tokens=b["tokens"]) for b in batches]
-    forward_backward([model], nolabel, capture, forward_only=True)
-    return torch.cat(captured) if mpu.is_pipeline_last_stage() else None
+    captured = forward_only(model, [SimpleNamespace(tokens=b.tokens) for b in batches],
+                            lambda batch, logits: gather_from_tensor_model_parallel_region(
+                                logits).detach().clone())
+    return None if captured is None else torch.cat(captured)
 
 
 def rl_step(model, reference, optimizer, batches, initial_logits):
@@ -125,13 +121,14 @@ def rl_step(model, reference, optimizer, batches, initial_logits):
     from megatron.core import parallel_state as mpu
 
     dp_group = mpu.get_data_parallel_group()
-    rl = [dict(tokens=b["tokens"], targets=b["labels"], loss_mask=b["loss_mask"],
-               advantages=b["advantages"]) for b in batches]
+    rl = [MicroBatch(tokens=b.tokens, targets=b.labels, loss_mask=b.loss_mask,
+                     advantages=b.advantages, rollout_logprobs=torch.zeros_like(b.loss_mask))
+          for b in batches]
     ref_parts = actor.compute_logprobs(reference, rl, TEMPERATURE, VOCAB)
     old_parts = actor.compute_logprobs(model, rl, TEMPERATURE, VOCAB)
     if ref_parts is not None:
         for mb, old, ref in zip(rl, old_parts, ref_parts):
-            mb["old_logprobs"], mb["ref_logprobs"] = old, ref
+            mb.old_logprobs, mb.ref_logprobs = old, ref
     losses = []  # each micro-batch's share of the mini-batch loss, as train_mini_batch sums it
 
     original = actor.policy_loss
@@ -165,7 +162,7 @@ def rl_step(model, reference, optimizer, batches, initial_logits):
                      for k in ("kl_ref", "entropy", "ppo_kl", "grad_norm")})
     # The reference is the initial policy: its log-probs are those of the logits captured
     # before any update (this DP rank's share, real vocabulary columns only).
-    targets = torch.cat([b["labels"] for b in batches])
+    targets = torch.cat([b.labels for b in batches])
     initial = torch.log_softmax(initial_logits[..., :VOCAB].double() / TEMPERATURE, -1)
     initial = initial.gather(-1, targets[..., None])[..., 0].float()
     if not torch.allclose(ref_logprobs, initial, **TOL):

@@ -1,0 +1,459 @@
+"""The RL trainer: one object that owns the policy, its optimizer, the rollout engine and the task,
+and one method per phase of a step. `train_step` is the README's numbered list:
+
+    1. rollout        this DP rank's prompts, n samples each (the next step's prefetched)
+    2. score          rewards from the task's verifier or the reward worker pool
+    3. advantages     group-relative advantages -> mini-batches of MicroBatches
+    4. old_logprobs   the sampling policy's log-probs recomputed by the trainer (+ the reference's)
+    5. train          PPO epochs over the mini-batches, one optimizer step each
+    6. sync_weights   the rollout engine gets the new weights
+    7. log            one metrics record (+ evaluation every training.eval_interval steps)
+    8. save           a checkpoint every training.checkpoint_interval steps, at the end, on SIGTERM
+
+Every rank builds a trainer and calls the same phases in the same order: the phases are
+collective. The trainer checkpoints its own state (step, entropy-law points, weight version)
+next to the model and optimizer, and `close()` releases everything on every exit path.
+"""
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.errors import EngineError
+from megatron_rl.rollout.types import Sample, SamplingParams
+from megatron_rl.seeds import derive_seed
+from megatron_rl.training.rl_batch import MicroBatch
+
+
+@dataclass
+class RolloutBatch:
+    """One step's rollouts on this DP rank, filled in phase by phase."""
+    samples: List[Sample]
+    answers: List[str]
+    rollout_time_s: float
+    rewards: Optional[torch.Tensor] = None  # [B]
+    response_mask: Optional[torch.Tensor] = None  # [B, longest response]
+    advantages: Optional[torch.Tensor] = None  # [B, longest response]
+    mini_batches: List[List[MicroBatch]] = field(default_factory=list)
+    # mean |trainer log-prob - engine log-prob| per micro-batch (last pipeline stage)
+    logprob_diffs: List[float] = field(default_factory=list)
+
+
+class RLTrainer:
+    def __init__(self, cfg, resume: str = "none"):
+        """Build everything a run needs from a validated JobConfig: process groups, task, reward
+        workers, model (initial checkpoint / warm start / resumed step), reference policy,
+        optimizer, rollout engine, metric sinks. `resume`: "none", "auto" (the newest checkpoint
+        under training.output_dir/checkpoints, if any) or a checkpoint path. Collective."""
+        self.cfg = cfg
+        self.model = self.ref_model = self.engine = self.reward_pool = self.sinks = None
+        self.bar = None
+        self._closed = False
+        # Pre-emption: SIGTERM (sent by torchrun / Slurm to every rank) ends the current step,
+        # writes a checkpoint and exits; the flag is all-reduced so every rank stops together.
+        self._sigterm: List[bool] = []
+        signal.signal(signal.SIGTERM, lambda *_: self._sigterm.append(True))
+        try:
+            self._build(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, resume: str) -> None:
+        from tqdm import tqdm
+
+        from megatron_rl.checkpointing.checkpoint import latest_checkpoint
+        from megatron_rl.config import to_dict
+        from megatron_rl.data.task import build_task
+        from megatron_rl.models.gpt import build_gpt_model
+        from megatron_rl.parallel import state
+        from megatron_rl.rewards.pool import RewardPool, load_reward_fn
+        from megatron_rl.rollout.builtin import BuiltinEngine
+        from megatron_rl.rollout.sglang_rollout import SGLangRollout
+        from megatron_rl.training.actor import build_reference_model
+        from megatron_rl.training.optimizer import (build_lr_scheduler, build_optimizer,
+                                                    wrap_ddp)
+        from megatron_rl.training.sft import warm_start
+        from megatron_rl.training.sinks import MetricSinks
+
+        cfg, t, rc, alg = self.cfg, self.cfg.training, self.cfg.rollout, self.cfg.algorithm
+        self.info = info = state.initialize(cfg.parallel)
+        self.task = build_task(cfg)
+        # Verifiers other than the task's own ("exact") run in worker processes with a timeout
+        # (a hung or crashing check scores 0 and is counted, never stalls the step).
+        if cfg.reward.fn != "exact":
+            self.reward_pool = RewardPool(
+                load_reward_fn(cfg.reward.fn, cfg.reward.allowed_modules), cfg.reward.workers,
+                cfg.reward.timeout_s, cfg.reward.memory_limit_mb)
+        self.reward_faults = {"timeout": 0, "error": 0, "memory": 0}
+        self.is_logger = info.is_last_pp_stage and info.tp_rank == 0 and info.dp_rank == 0
+        self.out_dir, self.ckpt_root = t.output_dir, os.path.join(t.output_dir, "checkpoints")
+        if info.rank == 0:
+            import json
+
+            os.makedirs(self.out_dir, exist_ok=True)
+            with open(os.path.join(self.out_dir, "config.json"), "w") as f:
+                json.dump(to_dict(cfg), f, indent=2)
+
+        self.model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel),
+                              t.use_distributed_optimizer)
+        resume_from = latest_checkpoint(self.ckpt_root) if resume == "auto" else (
+            None if resume == "none" else resume)
+        # The reference policy of the KL term (algorithm.kl_ref_coef) is the initial policy. On
+        # resume the initial weights are rebuilt the same way (the fresh init of the same seed,
+        # the init checkpoint, the cached warm start) and copied before the checkpoint replaces
+        # them.
+        initial_weights = resume_from is None or alg.kl_ref_coef > 0
+        if t.init_checkpoint and initial_weights:
+            from megatron_rl.checkpointing.model import load_model
+
+            load_model(self.model, t.init_checkpoint)
+            self.log_line(f"initial weights from {t.init_checkpoint}")
+        if t.sft_steps and initial_weights:
+            warm_start(self.model, cfg, info, self.log_line)
+        if alg.kl_ref_coef > 0:
+            self.ref_model = build_reference_model(self.model, cfg.model, cfg.parallel)
+        self.optimizer = build_optimizer([self.model], t, t.use_distributed_optimizer)
+        self.scheduler = build_lr_scheduler(self.optimizer, t)
+        self.step = 0  # the newest step whose update is in the weights
+        self.law_points: List[Tuple[float, float]] = []  # (entropy, validation accuracy)
+        weight_version = 0
+        if resume_from is not None:
+            weight_version = self.load(resume_from)
+        self.start_step = self.step
+        self.nonfinite_in_a_row = 0
+        if rc.engine == "sglang":
+            self.engine = SGLangRollout(cfg, self.model, self.out_dir,
+                                        weight_version=weight_version,
+                                        device=rc.sglang.device if rc.sglang.device != "auto"
+                                        else info.device.type)
+        else:
+            self.engine = BuiltinEngine(self.model, vocab_size=self.task.vocab_size,
+                                        seed=rc.seed)
+            self.engine.weight_version = weight_version
+        from megatron.core import parallel_state as mpu
+
+        self.dp_group = mpu.get_data_parallel_group()
+        self.tp_group = mpu.get_tensor_model_parallel_group()
+        self.eval_prompts = self.task.eval_prompts[info.dp_rank::info.dp_size]
+        self.sampling = SamplingParams(temperature=rc.temperature, top_p=rc.top_p,
+                                       top_k=rc.top_k, max_new_tokens=rc.max_new_tokens,
+                                       n=alg.n, stop_token_ids=(self.task.eos_id,))
+        if self.is_logger:
+            self.sinks = MetricSinks(cfg, self.out_dir)
+        # The bar only on a terminal: in log files its carriage returns are noise, and the
+        # log_interval lines say the same.
+        self.bar = tqdm(total=t.steps, initial=self.step,
+                        disable=not (self.is_logger and sys.stderr.isatty()),
+                        desc="rl", unit="step", dynamic_ncols=True)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        """Train from the current step to training.steps (or a SIGTERM): evaluation at step 0,
+        then train_step / save each step; plots of the run at the end."""
+        t = self.cfg.training
+        if self.step == 0 and t.eval_interval:
+            self.log(dict(step=0, **self.evaluate(0)))
+        try:
+            for step in range(self.step + 1, t.steps + 1):
+                self.train_step(step)
+                stop = self.stop_requested()
+                if ((t.checkpoint_interval and step % t.checkpoint_interval == 0)
+                        or step == t.steps or stop):
+                    self.save()
+                if stop:
+                    self.log_line(f"SIGTERM: checkpoint of step {step} written to "
+                                  f"{self.ckpt_root}; exiting (continue with --resume auto)")
+                    break
+                if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
+                    from megatron_rl.checkpointing.checkpoint import latest_checkpoint
+
+                    raise SystemExit(
+                        f"{self.nonfinite_in_a_row} steps in a row had non-finite gradients "
+                        f"(updates skipped, training.max_nonfinite_steps="
+                        f"{t.max_nonfinite_steps}); the newest good checkpoint is "
+                        f"{latest_checkpoint(self.ckpt_root)}")
+        except EngineError as e:
+            # The engines failed for good (every rank raises together). Steps are atomic: the
+            # current one either finished training (self.step is it) or left the weights
+            # untouched.
+            from megatron_rl.checkpointing.checkpoint import latest_checkpoint
+
+            if self.step > self.start_step:
+                self.save()
+            raise SystemExit(f"rollout engines failed: {e}\nnewest checkpoint: "
+                             f"{latest_checkpoint(self.ckpt_root)} (continue with --resume auto)")
+        if self.is_logger:
+            from megatron_rl.analysis.plots import write_run_plots
+
+            self.sinks.close()
+            self.log_line(f"plots: {', '.join(write_run_plots(self.out_dir))}")
+
+    def train_step(self, step: int) -> Dict:
+        """One RL step; returns its metrics record (complete on the logging rank)."""
+        t0 = time.time()
+        batch = self.rollout(step)                          # 1
+        self.score(batch)                                   # 2
+        self.advantages(batch)                              # 3
+        self.old_logprobs(batch)                            # 4
+        t1 = time.time()
+        step_metrics, probe = self.train(step, batch)       # 5
+        train_time_s = time.time() - t1
+        self.step = step
+        self.sync_weights()                                 # 6
+        record = self.step_record(step, batch, step_metrics, probe, train_time_s,
+                                  time.time() - t0)         # 7
+        t = self.cfg.training
+        if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
+            record.update(self.evaluate(step))
+            if math.isfinite(record.get("entropy", float("nan"))):
+                self.law_points.append((record["entropy"], record["eval_accuracy"]))
+                from megatron_rl.analysis import entropy_law_metrics
+
+                record.update(entropy_law_metrics(self.law_points))
+        self.log(record)
+        skipped = any(m.get("nonfinite_skipped") for m in step_metrics)
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
+        return record
+
+    # -- the phases ----------------------------------------------------------------------------
+
+    def rank_prompts(self, step: int):
+        """This DP rank's share of the step's (prompt ids, answer) pairs."""
+        count = self.cfg.rollout.prompts_per_step
+        per_rank = count // self.info.dp_size
+        prompts = self.task.prompts_for_step(step, count)
+        return prompts[self.info.dp_rank * per_rank: (self.info.dp_rank + 1) * per_rank]
+
+    def rollout(self, step: int) -> RolloutBatch:
+        rc = self.cfg.rollout
+        t0 = time.time()
+        mine = self.rank_prompts(step)
+        samples = self.engine.generate([p for p, _ in mine], self.sampling,
+                                       seed=derive_seed(rc.seed, step, self.info.dp_rank))
+        if rc.async_rollout and step < self.cfg.training.steps:  # the next step's, meanwhile
+            self.engine.prefetch([p for p, _ in self.rank_prompts(step + 1)], self.sampling)
+        return RolloutBatch(samples=samples, answers=[mine[s.prompt_index][1] for s in samples],
+                            rollout_time_s=time.time() - t0)
+
+    def score_texts(self, responses: List[str], answers: List[str]) -> List[float]:
+        if self.reward_pool is None:
+            return self.task.score(responses, answers)
+        rewards, counts = self.reward_pool.score(list(zip(responses, answers)))
+        for key, value in counts.items():
+            if key in self.reward_faults:
+                self.reward_faults[key] += value
+        return rewards
+
+    def score(self, batch: RolloutBatch) -> None:
+        responses = [self.task.decode(s.output_ids) for s in batch.samples]
+        batch.rewards = torch.tensor(self.score_texts(responses, batch.answers),
+                                     dtype=torch.float32)
+
+    def advantages(self, batch: RolloutBatch) -> None:
+        """Advantages of each group of n samples (contiguous, on one rank); groups whose rewards
+        are all equal are dropped from the loss when algorithm.filter_equal_groups is set."""
+        from megatron_rl.algorithms import compute_advantages, informative_groups
+        from megatron_rl.training.rl_batch import build_mini_batches, response_mask
+
+        alg, t = self.cfg.algorithm, self.cfg.training
+        batch.response_mask = response_mask(batch.samples)
+        batch.advantages = compute_advantages(alg, batch.rewards, batch.response_mask)
+        keep = informative_groups(batch.rewards, alg.n) if alg.filter_equal_groups else \
+            torch.ones_like(batch.rewards, dtype=torch.bool)
+        batch.mini_batches = build_mini_batches(batch.samples, batch.advantages, keep,
+                                                t.mini_batches, t.micro_batch_size,
+                                                self.info.device)
+
+    def old_logprobs(self, batch: RolloutBatch) -> None:
+        """The policy that sampled, recomputed by the trainer; and the frozen reference policy's
+        when a KL to it is set. Set on the MicroBatches of the last pipeline stage."""
+        from megatron_rl.training.actor import compute_logprobs
+
+        temperature, vocab = self.cfg.rollout.temperature, self.task.vocab_size
+        for mini in batch.mini_batches:
+            old = compute_logprobs(self.model, mini, temperature, vocab)
+            if old is not None:
+                for mb, lp in zip(mini, old):
+                    mb.old_logprobs = lp
+                    m = mb.loss_mask
+                    batch.logprob_diffs.append(float(
+                        ((lp - mb.rollout_logprobs).abs() * m).sum() / m.sum().clamp(min=1)))
+            if self.ref_model is not None:
+                ref = compute_logprobs(self.ref_model, mini, temperature, vocab)
+                if ref is not None:
+                    for mb, lp in zip(mini, ref):
+                        mb.ref_logprobs = lp
+
+    def train(self, step: int, batch: RolloutBatch):
+        """PPO epochs over the mini-batches, one optimizer step each. Every
+        training.probe_interval steps the entropy-dynamics probe reads the logits of the first
+        micro-batch around the first optimizer step. Returns (per-update metrics, probe)."""
+        from megatron_rl.analysis import probe_batch_logits, probe_entropy_dynamics
+        from megatron_rl.training.actor import train_mini_batch
+
+        t, alg = self.cfg.training, self.cfg.algorithm
+        step_metrics, probe = [], None
+        for epoch in range(t.ppo_epochs):
+            for index, mini in enumerate(batch.mini_batches):
+                probing = (t.probe_interval and step % t.probe_interval == 0
+                           and epoch == index == 0)
+                if probing:  # logits of a fixed batch around this one optimizer step
+                    probe_inputs = mini[:1]
+                    before = probe_batch_logits(self.model, probe_inputs)
+                step_metrics.append(train_mini_batch(
+                    self.model, self.optimizer, mini, alg, self.cfg.rollout.temperature,
+                    self.task.vocab_size, seed=derive_seed(alg.seed, step, epoch, index)))
+                self.scheduler.step(1)
+                if probing:
+                    after = probe_batch_logits(self.model, probe_inputs)
+                    if after is not None:  # the last pipeline stage holds the logits
+                        probe = probe_entropy_dynamics(
+                            before, after, self.cfg.rollout.temperature, self.tp_group,
+                            vocab_size=self.task.vocab_size, mask=probe_inputs[0].loss_mask,
+                            dp_group=self.dp_group)
+        return step_metrics, probe
+
+    def sync_weights(self) -> None:
+        """SGLang engines get the new weights; the built-in engine reads them in place."""
+        self.engine.update_weights()
+
+    def evaluate(self, step: int) -> Dict[str, float]:
+        from megatron_rl.analysis.validation import evaluate
+
+        t, rc = self.cfg.training, self.cfg.rollout
+        return evaluate(self.engine, self.eval_prompts, self.task.decode, self.score_texts,
+                        max_new_tokens=rc.max_new_tokens, stop_token_ids=(self.task.eos_id,),
+                        avg_k=t.eval_avg_k, temperature=t.eval_temperature,
+                        greedy=t.eval_greedy,
+                        seed=derive_seed(rc.seed, step, self.info.dp_rank, 7),
+                        dp_group=self.dp_group)
+
+    def dp_mean(self, value: float) -> float:
+        x = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(x, group=self.dp_group)
+        return x.item() / self.info.dp_size
+
+    def step_record(self, step: int, batch: RolloutBatch, step_metrics: List[Dict], probe,
+                    train_time_s: float, step_time_s: float) -> Dict:
+        """The step's metrics: rewards and rollout statistics, the mean of each update metric,
+        throughput, reward-worker faults, the probe's agreement. Collective (DP means)."""
+        from megatron_rl.algorithms import rollout_metrics
+
+        t, alg, n_dp = self.cfg.training, self.cfg.algorithm, self.info.dp_size
+        record = dict(step=step, reward_mean=self.dp_mean(float(batch.rewards.mean())),
+                      lr=self.optimizer.param_groups[0]["lr"],
+                      weight_version=self.engine.weight_version,
+                      rollout_time_s=batch.rollout_time_s, train_time_s=train_time_s,
+                      rollout_weight_version=min(s.weight_version for s in batch.samples),
+                      step_time_s=step_time_s)
+        record.update({f"rollout/{k}": v for k, v in rollout_metrics(
+            batch.rewards, batch.advantages, batch.response_mask, alg.n).items()})
+        for key in sorted({k for m in step_metrics for k in m}):
+            values = [m[key] for m in step_metrics if key in m]  # skipped updates lack most
+            record[key] = sum(values) / len(values)
+        if batch.logprob_diffs:
+            record["rollout_train_logprob_diff"] = (sum(batch.logprob_diffs)
+                                                    / len(batch.logprob_diffs))
+        response_tokens = self.dp_mean(float(batch.response_mask.sum())) * n_dp
+        record["rollout_tokens_per_s"] = response_tokens / max(batch.rollout_time_s, 1e-9)
+        trained_tokens = self.dp_mean(float(sum(mb.tokens.numel() for mini in batch.mini_batches
+                                                for mb in mini))) * n_dp * t.ppo_epochs
+        record["train_tokens_per_s"] = trained_tokens / max(train_time_s, 1e-9)
+        if self.reward_pool is not None:
+            record.update({f"reward/{k}_total": v for k, v in self.reward_faults.items()})
+        if self.task.skipped_rows and step == self.start_step + 1:
+            record.update({f"data/skipped_{k}": v for k, v in self.task.skipped_rows.items()})
+        if probe is not None:
+            record.update(probe.metrics)
+            if self.is_logger:
+                from megatron_rl.analysis import save_probe
+
+                save_probe(self.out_dir, step, probe)
+        return record
+
+    def log(self, record: Dict) -> None:
+        """Every record goes to the same sinks (metrics.jsonl, TensorBoard, wandb); step records
+        also to the bar and, every training.log_interval steps, a console line."""
+        if not self.is_logger:
+            return
+        self.sinks.write(record)
+        step = record["step"]
+        entropy = record.get("entropy", float("nan"))
+        if step == 0:
+            self.log_line("step 0: " + " ".join(f"{k} {v:.3f}" for k, v in record.items()
+                                                if k != "step"))
+            return
+        self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}", entropy=f"{entropy:.3f}",
+                             s_per_step=f"{record['step_time_s']:.2f}",
+                             rollout_tok_s=f"{record['rollout_tokens_per_s']:.0f}",
+                             train_tok_s=f"{record['train_tokens_per_s']:.0f}")
+        self.bar.update(1)
+        if step % self.cfg.training.log_interval == 0:
+            self.log_line(f"step {step}: reward {record['reward_mean']:.3f} entropy "
+                          f"{entropy:.4f} " + (f"eval_acc {record['eval_accuracy']:.3f} "
+                                               if "eval_accuracy" in record else "")
+                          + f"{record['step_time_s']:.2f}s")
+
+    def log_line(self, message: str) -> None:
+        if self.is_logger:
+            from tqdm import tqdm
+
+            tqdm.write(message)
+
+    def stop_requested(self) -> bool:
+        """A SIGTERM reached any rank (all-reduced: every rank stops at the same step)."""
+        stop = torch.tensor([1.0 if self._sigterm else 0.0])
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        return bool(stop.item())
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict:
+        """What the trainer itself checkpoints besides model, optimizer and scheduler."""
+        return {"weight_version": self.engine.weight_version,
+                "law_points": [list(p) for p in self.law_points]}
+
+    def save(self) -> str:
+        from megatron_rl.checkpointing.checkpoint import save_checkpoint
+
+        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer,
+                               self.scheduler, self.state_dict(),
+                               keep=self.cfg.training.keep_checkpoints)
+
+    def load(self, path: str) -> int:
+        """Model, optimizer, scheduler and trainer state from a checkpoint; returns the weight
+        version the engine starts at."""
+        from megatron_rl.checkpointing.checkpoint import load_checkpoint
+
+        train_state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.step = train_state["step"]
+        self.law_points = [tuple(p) for p in train_state.get("law_points", [])]
+        self.log_line(f"resumed from {path} at step {self.step}")
+        return train_state.get("weight_version", self.step)
+
+    def close(self) -> None:
+        """Release everything, whatever state construction or training stopped in: the engine
+        (its servers), the reward workers, the sinks, the bar, the process groups. Collective
+        when the process groups exist."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.engine is not None and hasattr(self.engine, "shutdown"):  # TEMP until protocol merge
+            self.engine.shutdown()
+        if self.bar is not None:
+            self.bar.close()
+        if self.reward_pool is not None:
+            self.reward_pool.close()
+        if self.sinks is not None:
+            self.sinks.close()
+        from megatron_rl.parallel import state
+
+        state.destroy()

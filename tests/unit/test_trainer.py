@@ -1,0 +1,166 @@
+"""The RL trainer's phases, one at a time, in one process (a 1-rank process group, no torchrun):
+what each phase leaves behind, that train_step is their composition, that the trainer's own
+state survives a checkpoint, that every metrics record (step 0's evaluation included) reaches
+every sink, and that close() leaves nothing initialised on any exit path."""
+import glob
+import json
+import os
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_rl.config import load_config
+from megatron_rl.training.rl_batch import MicroBatch
+from megatron_rl.training.trainer import RLTrainer
+
+warnings.filterwarnings("ignore")
+
+
+def tiny_config(tmp_path, *overrides):
+    return load_config("tests/configs/tiny_addition.yaml", [
+        "training.sft_steps=0", "training.steps=2", "training.eval_interval=0",
+        "training.probe_interval=0", "rollout.prompts_per_step=4", "algorithm.n=4",
+        "training.mini_batches=2", "training.micro_batch_size=2",
+        f"training.output_dir={tmp_path / 'run'}", f"training.cache_dir={tmp_path / 'cache'}",
+        *overrides], world_size=1, on_this_host=True)
+
+
+@pytest.fixture
+def trainer(tmp_path):
+    trainer = RLTrainer(tiny_config(tmp_path))
+    yield trainer
+    trainer.close()
+
+
+def weights(trainer):
+    return [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def test_phases_leave_what_the_next_phase_reads(trainer):
+    cfg = trainer.cfg
+    batch = trainer.rollout(1)
+    per_rank = cfg.rollout.prompts_per_step * cfg.algorithm.n
+    assert len(batch.samples) == per_rank
+    prompts = trainer.task.prompts_for_step(1, cfg.rollout.prompts_per_step)
+    assert batch.answers == [prompts[s.prompt_index][1] for s in batch.samples]
+    assert all(s.prompt_ids == prompts[s.prompt_index][0] for s in batch.samples)
+
+    trainer.score(batch)
+    decoded = [trainer.task.decode(s.output_ids) for s in batch.samples]
+    assert batch.rewards.tolist() == trainer.task.score(decoded, batch.answers)
+
+    trainer.advantages(batch)
+    assert len(batch.mini_batches) == cfg.training.mini_batches
+    micro = [mb for mini in batch.mini_batches for mb in mini]
+    assert all(isinstance(mb, MicroBatch) and mb.tokens.shape[0] == 2 for mb in micro)
+    # every response token of the step is under exactly one loss-mask entry (no group is
+    # filtered when its rewards differ; filtered ones have a zero mask)
+    response_tokens = sum(len(s.output_ids) for s in batch.samples)
+    assert sum(float(mb.loss_mask.sum()) for mb in micro) <= response_tokens
+    assert all(mb.old_logprobs is None for mb in micro)
+
+    trainer.old_logprobs(batch)
+    assert all(mb.old_logprobs is not None and mb.old_logprobs.shape == mb.targets.shape
+               for mb in micro)
+    # the built-in engine samples from these very weights: the trainer's recomputation agrees
+    # with the engine's log-probs (float32 round-off apart)
+    assert max(batch.logprob_diffs) < 1e-4
+
+    before = weights(trainer)
+    step_metrics, probe = trainer.train(1, batch)
+    assert probe is None
+    assert len(step_metrics) == cfg.training.ppo_epochs * cfg.training.mini_batches
+    changed = [not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters())]
+    if any(m.get("num_tokens", 0) > 0 for m in step_metrics):
+        assert any(changed)
+
+    version = trainer.engine.weight_version
+    trainer.sync_weights()
+    assert trainer.engine.weight_version == version + 1
+
+
+def test_train_step_is_the_phases_in_order(tmp_path):
+    """Two trainers of one config: one runs train_step, the other the phases by hand; the same
+    weights and the same rewards come out."""
+    records, results = [], []
+    for by_hand in (False, True):
+        trainer = RLTrainer(tiny_config(tmp_path / str(by_hand)))
+        try:
+            if by_hand:
+                batch = trainer.rollout(1)
+                trainer.score(batch)
+                trainer.advantages(batch)
+                trainer.old_logprobs(batch)
+                trainer.train(1, batch)
+                trainer.sync_weights()
+                records.append(float(batch.rewards.mean()))
+            else:
+                records.append(trainer.train_step(1)["reward_mean"])
+                assert trainer.step == 1
+            results.append(weights(trainer))
+        finally:
+            trainer.close()
+    assert records[0] == records[1]
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_trainer_state_survives_a_checkpoint(tmp_path):
+    trainer = RLTrainer(tiny_config(tmp_path))
+    try:
+        trainer.train_step(1)
+        trainer.law_points = [(0.5, 0.25), (0.4, 0.5)]
+        path = trainer.save()
+        saved = trainer.state_dict()
+        saved_weights = weights(trainer)
+    finally:
+        trainer.close()
+    resumed = RLTrainer(tiny_config(tmp_path), resume="auto")
+    try:
+        assert resumed.step == 1 and resumed.start_step == 1
+        assert resumed.state_dict() == saved
+        assert resumed.engine.weight_version == saved["weight_version"] == 1
+        assert all(torch.equal(a, b) for a, b in zip(saved_weights, weights(resumed)))
+        assert os.path.isdir(path)
+    finally:
+        resumed.close()
+
+
+def test_every_record_reaches_every_sink_step_0_included(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = RLTrainer(tiny_config(tmp_path, "training.steps=1", "training.eval_interval=1",
+                                    "training.tensorboard=true"))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    run = tmp_path / "run"
+    with open(run / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [0, 1]
+    events = EventAccumulator(glob.glob(str(run / "tensorboard" / "events.*"))[0])
+    events.Reload()
+    steps = [e.step for e in events.Scalars("eval_accuracy")]
+    assert steps == [0, 1]
+    assert [e.value for e in events.Scalars("eval_accuracy")] == pytest.approx(
+        [r["eval_accuracy"] for r in records])
+
+
+def test_close_releases_everything_on_every_exit_path(tmp_path):
+    # a failed construction (a resume path with no checkpoint) closes what it built
+    with pytest.raises(Exception):
+        RLTrainer(tiny_config(tmp_path), resume=str(tmp_path / "no_such_checkpoint"))
+    assert not dist.is_initialized()
+    # a failed step: the caller's finally closes, and closing twice is harmless
+    trainer = RLTrainer(tiny_config(tmp_path))
+    trainer.task.score = lambda responses, answers: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    trainer.close()
+    assert not dist.is_initialized()
+    assert trainer.sinks._file.closed
