@@ -14,6 +14,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_rl.checkpointing.model import verify_checkpoint_metadata
+from megatron_rl.files import publish_folder
 from megatron_rl.models.unwrap import unwrap_model
 
 LATEST = "latest"
@@ -58,8 +59,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, train_sta
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump(dict(train_state, step=step, scheduler=scheduler.state_dict(),
                            optimizer_state=with_optimizer), f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
+        publish_folder(tmp, final)
         pointer = os.path.join(root, f".{LATEST}.tmp")
         with open(pointer, "w") as f:
             f.write(checkpoint_name(step))

@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 
 import torch
 import torch.distributed as dist
@@ -18,6 +17,7 @@ import torch.distributed as dist
 from megatron_rl.checkpointing.model import load_model, save_model
 from megatron_rl.data.synthetic import CharTokenizer, supervised_batch
 from megatron_rl.data.task import build_task
+from megatron_rl.files import publish_folder
 from megatron_rl.training.optimizer import build_optimizer
 from megatron_rl.training.step import SupervisedBatch, train_step
 
@@ -75,8 +75,7 @@ def warm_start(model, cfg, info, log=print) -> str:
     save_model(model, tmp_name[0])
     if info.rank == 0:
         open(os.path.join(tmp_name[0], "done"), "w").close()
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(tmp_name[0], path)
+        publish_folder(tmp_name[0], path)
     dist.barrier()
     return path
 
