@@ -1,7 +1,7 @@
-"""The training job's SGLang rollout: the first rank of every node starts that node's engines,
-global rank 0 is the one client of all of them (sglang_client.py); every rank calls generate()
-and update_weights() together, like the built-in engine's, so the loop does not care which
-engine it has.
+"""The training loop's SGLang engine (a RolloutEngine, rollout/types.py): the first rank of every
+node starts that node's engines (SGLang servers), global rank 0 is the one client of all of them
+(sglang_client.py); every rank calls generate(), prefetch() and update_weights() together, like
+the built-in engine's, so the loop does not care which engine it has.
 
 Why one controller: a restarted engine needs the current weights, and gathering them is
 collective over TP and PP. So while rank 0 generates, the other ranks wait on a gloo control
@@ -27,7 +27,11 @@ from megatron_rl.rollout.weight_sync import hf_weights, write_hf_folder
 from megatron_rl.seeds import derive_seed
 
 
-class SGLangRollout:
+class SGLangRolloutEngine:
+    """RolloutEngine over the job's SGLang servers; every rank constructs it together."""
+
+    weight_version: int  # RolloutEngine's: the trainer's completed steps
+
     def __init__(self, cfg, model, out_dir: str, weight_version: int, device: str):
         self.cfg, self.model = cfg, model
         self.scfg = cfg.rollout.sglang
