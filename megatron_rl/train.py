@@ -87,8 +87,7 @@ def main(argv=None):
     from megatron_rl.parallel import state
     from megatron_rl.rewards.pool import RewardPool, load_reward_fn
     from megatron_rl.rollout import SamplingParams
-    from megatron_rl.rollout.builtin import BuiltinEngine
-    from megatron_rl.rollout.sglang_rollout import SGLangRollout
+    from megatron_rl.rollout.factory import build_rollout_engine
     from megatron_rl.errors import EngineError
     from megatron_rl.seeds import derive_seed
     from megatron_rl.training.actor import (build_reference_model, compute_logprobs,
@@ -152,13 +151,8 @@ def main(argv=None):
         start_step = train_state["step"]
         law_points = [tuple(p) for p in train_state.get("law_points", [])]
         log(f"resumed from {resume_from} at step {start_step}")
-    if rc.engine == "sglang":
-        engine = SGLangRollout(cfg, model, out_dir, weight_version=start_step,
-                               device=rc.sglang.device if rc.sglang.device != "auto"
-                               else info.device.type)
-    else:
-        engine = BuiltinEngine(model, vocab_size=task.vocab_size, seed=rc.seed)
-        engine.weight_version = start_step
+    engine = build_rollout_engine(cfg, model, out_dir, weight_version=start_step,
+                                  device=info.device.type, vocab_size=task.vocab_size)
     dp_group = mpu.get_data_parallel_group()
 
     def dp_mean(value: float) -> float:
@@ -337,8 +331,7 @@ def main(argv=None):
         raise SystemExit(f"rollout engines failed: {e}\nnewest checkpoint: "
                          f"{latest_checkpoint(ckpt_root)} (continue with --resume auto)")
     finally:
-        if rc.engine == "sglang":
-            engine.shutdown()
+        engine.shutdown()
     bar.close()
     if reward_pool is not None:
         reward_pool.close()
