@@ -4,12 +4,14 @@ means, the version they all serve). It runs in one process (the job's global ran
 sglang_rollout.py makes it the training loop's engine, sglang_server.py owns the processes, and
 weight_transfer.py moves the tensors.
 
-generate() has the built-in engine's signature and returns the same Samples. Requests go one
-sample each through sglang_router (rollout.sglang.router; cache-aware, retries on another server)
-or, without it, to the least-loaded live server. Every response must carry the engines' current
-weight version. A server that dies or stops answering is restarted (its log shows both runs),
-`on_restart` re-pushes the current weights to it, and its unfinished requests are retried there
-or elsewhere; after `max_restarts` restarts in one job, EngineError.
+generate() takes the built-in engine's arguments (and resync, for background generation) and
+returns the same Samples; the client is not itself a RolloutEngine (its update_weights takes the
+tensors and a version). Requests go one sample each through sglang_router (rollout.sglang.router;
+cache-aware, retries on another server) or, without it, to the least-loaded live server. Every
+response must carry the engines' current weight version. A server that dies or stops answering
+is restarted (its log shows both runs), `on_restart` re-pushes the current weights to it, and its
+unfinished requests are retried there or elsewhere; after `max_restarts` restarts in one job,
+EngineError.
 
 Weight sync (update_weights) sits between /begin_weight_update and /end_weight_update; its last
 request sets the weight version, which every later response carries (Sample.weight_version), and
