@@ -7,13 +7,13 @@ Needs the SGLang venv (--sglang-python, default .venv-sglang/bin/python); CPU, f
 
 1. Generation tokens/s (generated tokens / wall seconds, after one warm-up call each) of
    (a) builtin: megatron_rl.rollout.builtin.BuiltinEngine (the megatron model, static KV cache);
-   (b) sglang:  one SGLang server on CPU loaded from the model's HF folder (SGLangEngine);
+   (b) sglang:  one SGLang server on CPU loaded from the model's HF folder (SGLangClient);
    (c) hf:      transformers generate() on the same HF folder, batched with left padding and an
                 attention mask, do_sample, same temperature, top_k/top_p off, min_new_tokens =
                 max_new_tokens (the random model has no eos, so every sequence is full length).
    Same prompts (random ids, --min-len..--max-len tokens) for all; median of --gen-repeats calls;
    'short' counts sequences that stopped before --new-tokens. Target: builtin >= 2x hf.
-2. Weight-sync seconds and bytes/s of SGLangEngine.update_weights for each method (distributed
+2. Weight-sync seconds and bytes/s of SGLangClient.update_weights for each method (distributed
    over gloo, tensor via shared memory, disk via an HF folder), median of --sync-repeats after a
    warm-up (the first distributed call also creates the group), vs a raw gloo broadcast of one
    flat uint8 tensor of the same bytes from this process to a helper process that joins a 2-rank
@@ -64,7 +64,7 @@ def raw_gloo_seconds(nbytes, repeats):
     import torch.distributed as dist
 
     from megatron_rl.ports import free_port
-    from megatron_rl.rollout.sglang_engine import weight_sync_group
+    from megatron_rl.rollout.weight_transfer import weight_sync_group
 
     port = free_port()
     helper = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--raw-helper",
@@ -175,7 +175,7 @@ def run_engines(args, cfg, model, work):
     from megatron_rl.rollout import SamplingParams
     from megatron_rl.rollout.builtin import BuiltinEngine
     from megatron_rl.rollout.config import SGLangConfig
-    from megatron_rl.rollout.sglang_engine import SGLangEngine
+    from megatron_rl.rollout.sglang_client import SGLangClient
     from megatron_rl.rollout.weight_sync import hf_weights, write_hf_folder
 
     hf_dir = os.path.join(work, "hf")
@@ -198,7 +198,7 @@ def run_engines(args, cfg, model, work):
                         max_total_tokens=max(4096, 2 * args.prompts * (args.max_len +
                                                                        args.new_tokens)))
     t0 = time.perf_counter()
-    engine = SGLangEngine.launch(hf_dir, scfg, os.path.join(work, "logs"), 1)
+    engine = SGLangClient.launch(hf_dir, scfg, os.path.join(work, "logs"), 1)
     startup_s = time.perf_counter() - t0
     try:
         print(f"sglang server ready in {startup_s:.1f} s", flush=True)

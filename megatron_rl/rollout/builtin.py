@@ -1,5 +1,6 @@
 """The built-in rollout engine: batched sampling on the megatron model itself, with a KV cache,
-for CPU runs and tests. No weight sync: it reads the training weights directly.
+for CPU runs and tests. No weight sync: it reads the training weights directly, so it has nothing
+to prefetch or shut down either (its RolloutEngine methods for those do nothing).
 
 Prompts of different lengths share one batch. On CPU they are left-padded to the longest and the
 whole batch is prefilled at once, with an attention mask that hides the padding from every query
@@ -101,24 +102,32 @@ def _rope(attn, tensor: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 class BuiltinEngine:
-    """generate(prompts, params) -> samples, on this rank's shard of the policy model.
+    """RolloutEngine (rollout/types.py) on this rank's shard of the policy model.
 
     Every rank of the model-parallel group must call generate with the same arguments (they run
     the model together); data-parallel ranks call it with their own prompts.
     """
 
-    def __init__(self, model, vocab_size: int, seed: int = 0):
-        from megatron.core import parallel_state as mpu
+    weight_version: int  # RolloutEngine's: the trainer's completed steps
 
+    def __init__(self, model, vocab_size: int, seed: int = 0, weight_version: int = 0):
         self.model = model
         self.vocab_size = vocab_size  # the tokenizer's; padded vocab columns are never sampled
-        self.seed = seed
-        self.weight_version = 0
+        self.seed = seed  # generate()'s draws without a seed of their own derive from it
+        self.weight_version = weight_version  # a resumed job passes its checkpoint's step
         self._calls = 0
 
     def update_weights(self) -> None:
         """The engine reads the training weights in place; only the version moves."""
         self.weight_version += 1
+
+    def prefetch(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+        """Nothing to start early: generating runs the model being trained, on the trainer's
+        own ranks, so it cannot overlap training (and rollout.async_rollout, which would call
+        this, is refused at config load for this engine). generate() does the work."""
+
+    def shutdown(self) -> None:
+        """Nothing to release: the engine holds no process, server or group of its own."""
 
     def _pipeline(self, model, stage, batch, width):
         """Run stage(hidden_in) on this pipeline stage: hidden_in is None on the first stage, the

@@ -1,7 +1,7 @@
-"""The training job's SGLang rollout: the first rank of every node starts that node's engines,
-global rank 0 is the one client of all of them; every rank calls generate() and
-update_weights() together, like the built-in engine's, so the loop does not care which engine
-it has.
+"""The training loop's SGLang engine (a RolloutEngine, rollout/types.py): the first rank of every
+node starts that node's engines (SGLang servers), global rank 0 is the one client of all of them
+(sglang_client.py); every rank calls generate(), prefetch() and update_weights() together, like
+the built-in engine's, so the loop does not care which engine it has.
 
 Why one controller: a restarted engine needs the current weights, and gathering them is
 collective over TP and PP. So while rank 0 generates, the other ranks wait on a gloo control
@@ -19,15 +19,19 @@ from typing import List, Optional, Sequence
 
 import torch.distributed as dist
 
-from megatron_rl.rollout.sglang_engine import SGLangEngine, start_servers
 from megatron_rl.errors import EngineError
-from megatron_rl.rollout.sglang_server import SGLangServer
-from megatron_rl.seeds import derive_seed
+from megatron_rl.rollout.sglang_client import SGLangClient
+from megatron_rl.rollout.sglang_server import SGLangServer, start_servers
 from megatron_rl.rollout.types import Sample, SamplingParams
 from megatron_rl.rollout.weight_sync import hf_weights, write_hf_folder
+from megatron_rl.seeds import derive_seed
 
 
-class SGLangRollout:
+class SGLangRolloutEngine:
+    """RolloutEngine over the job's SGLang servers; every rank constructs it together."""
+
+    weight_version: int  # RolloutEngine's: the trainer's completed steps
+
     def __init__(self, cfg, model, out_dir: str, weight_version: int, device: str):
         self.cfg, self.model = cfg, model
         self.scfg = cfg.rollout.sglang
@@ -35,7 +39,7 @@ class SGLangRollout:
         self.rank = dist.get_rank()
         self.control = dist.new_group(backend="gloo")
         self.weights_dir = os.path.join(out_dir, "engine_weights")
-        self.engine: Optional[SGLangEngine] = None
+        self.client: Optional[SGLangClient] = None  # rank 0's
         self._prefetched = None  # rank 0: the background generation prefetch() started
         # The engines start from the trainer's weights as they are now (initial checkpoint,
         # SFT warm start or resumed step), written once as an HF folder.
@@ -69,7 +73,7 @@ class SGLangRollout:
         self.owners = [(rank, i) for rank, _, descs in gathered for i in range(len(descs))]
 
         def connect():  # rank 0 is the client (and starts the router, which may fail)
-            self.engine = SGLangEngine(
+            self.client = SGLangClient(
                 [self.local_servers[i] if rank == 0 else SGLangServer.reach(desc, self.scfg)
                  for rank, _, descs in gathered for i, desc in enumerate(descs)],
                 self.scfg, on_restart=self._resync, restart_server=self._restart_server)
@@ -135,7 +139,7 @@ class SGLangRollout:
     def _resync(self, index: int) -> None:
         """Rank 0, from inside generate(): a restarted engine gets the current weights."""
         self._broadcast(("sync", None))
-        self.engine.update_weights(hf_weights(self.model, self.cfg.model), self.weight_version,
+        self.client.update_weights(hf_weights(self.model, self.cfg.model), self.weight_version,
                                    engines=[index],
                                    disk_dir=os.path.join(self.weights_dir, "sync"))
 
@@ -168,20 +172,20 @@ class SGLangRollout:
                 # Left unfinished by an engine restarted in the background: sampled now.
                 missing = [j for j, sample in enumerate(samples) if sample is None]
                 if missing:
-                    redo = self.engine.generate([flat[j // params.n][2] for j in missing],
+                    redo = self.client.generate([flat[j // params.n][2] for j in missing],
                                                 dataclasses.replace(params, n=1))
                     for j, sample in zip(missing, redo):
                         sample.prompt_index = j // params.n
                         samples[j] = sample
             else:
-                samples = self.engine.generate([p for _, _, p in flat], params) if flat else []
+                samples = self.client.generate([p for _, _, p in flat], params) if flat else []
             result = {dp: [] for dp in per_dp}
             for sample in samples:
                 dp, local, _ = flat[sample.prompt_index]
                 sample.prompt_index = local
                 result[dp].append(sample)
             if not self.cfg.rollout.async_rollout:
-                self.engine.release_memory()  # colocated: training gets the GPU memory back
+                self.client.release_memory()  # colocated: training gets the GPU memory back
             return result
 
         return self._lead(generate_all)[dp_rank]
@@ -201,7 +205,7 @@ class SGLangRollout:
             try:
                 # No re-sync from this thread: the other ranks are training, not serving
                 # commands; a restarted engine sits out until the next update_weights().
-                box["samples"] = self.engine.generate(flat, params, resync=False) if flat else []
+                box["samples"] = self.client.generate(flat, params, resync=False) if flat else []
             except Exception as e:  # raised again, on every rank, where it is joined
                 box["error"] = e
 
@@ -228,8 +232,8 @@ class SGLangRollout:
 
         def sync():
             self._join_prefetch()  # the engines finish the next step's samples first
-            self.engine.resume_memory()
-            self.engine.update_weights(weights, version,
+            self.client.resume_memory()
+            self.client.update_weights(weights, version,
                                        disk_dir=os.path.join(self.weights_dir, "sync"))
 
         self._lead(sync, weights)
@@ -238,11 +242,11 @@ class SGLangRollout:
     def shutdown(self) -> None:
         """Every rank: rank 0 stops generating and drops its weight-sync groups; each node's
         first rank stops the servers it started."""
-        if self.engine is not None:
+        if self.client is not None:
             box = self._prefetched
             if box is not None and box["thread"].is_alive():
-                self.engine.abort_all()
+                self.client.abort_all()
                 box["thread"].join(60)
-            self.engine.shutdown()
+            self.client.shutdown()
         for server in self.local_servers.values():
             server.stop()

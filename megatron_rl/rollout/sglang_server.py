@@ -1,8 +1,10 @@
-"""One SGLang server process owned by the training job: start, wait until it generates, stop.
+"""SGLang server processes owned by the training job: start, wait until they generate, stop;
+and sglang_router, the process that can sit in front of them.
 
 The job starts `python -m sglang.launch_server` itself (no external launcher), in its own process
 group so that stopping it also stops the scheduler and detokenizer processes it spawns, with its
 log appended to a file in the run folder (a restart's log follows the crash it replaces).
+start_servers starts a host's servers together; talking to them is sglang_client.py's.
 """
 import atexit
 import os
@@ -17,6 +19,7 @@ import requests
 from megatron_rl.errors import EngineError
 from megatron_rl.ports import free_port
 from megatron_rl.rollout.config import SGLangConfig
+from megatron_rl.seeds import derive_seed
 
 # SGLang's CPU path (README "SGLang on CPU"): the torch-native attention and sampling backends are
 # the only ones without CUDA kernels.
@@ -219,6 +222,33 @@ class SGLangServer:
             return
         atexit.unregister(self.stop)
         stop_process_group(process)
+
+
+def start_servers(model_path: str, cfg: SGLangConfig, log_dir: str, num_engines: int,
+                  device: str = "cpu", first_gpu: int = 0, weight_version: int = 0,
+                  seed: int = 0, log_prefix: str = "") -> List[SGLangServer]:
+    """Start num_engines servers on this host (ports chosen free and distinct, GPUs from
+    first_gpu on, tp_size each), wait until every one generates; stop them all if one fails."""
+    ports = set()
+    while len(ports) < 2 * num_engines:
+        ports.add(free_port())
+    ports = sorted(ports)
+    servers = [SGLangServer(model_path, cfg, ports[2 * i],
+                            os.path.join(log_dir, f"{log_prefix}sglang_{i}.log"),
+                            dist_port=ports[2 * i + 1], device=device,
+                            gpu_id=first_gpu + i * cfg.tp_size,
+                            weight_version=weight_version, seed=derive_seed(seed, i))
+               for i in range(num_engines)]
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_until_ready()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
 
 
 def router_installed(python: Optional[str]) -> bool:

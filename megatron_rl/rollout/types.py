@@ -1,6 +1,10 @@
-"""The interface every rollout engine implements."""
+"""The interface every rollout engine implements (RolloutEngine) and what goes in and out of it.
+
+A leaf module (dataclasses and typing only), so that code which takes an engine (the trainer,
+evaluation) can name the interface without importing an engine; rollout/factory.py builds one.
+"""
 from dataclasses import dataclass, field
-from typing import List, Literal, Sequence
+from typing import List, Literal, Optional, Protocol, Sequence, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -33,3 +37,29 @@ class Sample:
     finish_reason: Literal["stop", "length", "abort"] = "length"
     weight_version: int = 0
     prompt_index: int = 0  # which prompt of the request this sample answers
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the training loop talks to: the built-in engine (rollout/builtin.py) and the SGLang
+    one (rollout/sglang_rollout.py). Every rank of the job holds one and calls each method
+    together with the others."""
+
+    # The RL steps whose updates are in the weights it samples from (a resumed job starts it at
+    # its checkpoint's step); each Sample carries the version that drew it.
+    weight_version: int
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seed: Optional[int] = None) -> List[Sample]:
+        """This rank's prompts in, this rank's samples out: params.n per prompt, contiguous per
+        prompt, prompt_index local to `prompts`. `seed` seeds the draw where the engine can."""
+
+    def prefetch(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+        """Start generating the next step's samples now, where the engine can (async_rollout);
+        the generate() that follows with the same prompts and params takes them."""
+
+    def update_weights(self) -> None:
+        """After an optimizer step: the engine samples from the new weights, version + 1."""
+
+    def shutdown(self) -> None:
+        """Release what the engine holds (servers, groups); every rank, once, at the end."""

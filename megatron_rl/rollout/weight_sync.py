@@ -1,6 +1,7 @@
 """Megatron weights as Hugging Face tensors for the engines: gathered over TP, collected from every
 pipeline stage onto global rank 0, renamed with the checkpoint converter's mapping (one mapping
-for conversion and sync)."""
+for conversion and sync); and HF folders of them (the engines' initial weights, disk sync).
+Sending them to running SGLang servers is weight_transfer.py's."""
 import json
 import os
 import shutil

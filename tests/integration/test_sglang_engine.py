@@ -19,8 +19,8 @@ from megatron_rl.parallel import state
 from megatron_rl.rollout import SamplingParams
 from megatron_rl.rollout.builtin import BuiltinEngine
 from megatron_rl.rollout.config import SGLangConfig
-from megatron_rl.rollout.sglang_engine import SGLangEngine
 from megatron_rl.errors import EngineError
+from megatron_rl.rollout.sglang_client import SGLangClient
 from megatron_rl.rollout.weight_sync import hf_weights, write_hf_folder
 from tests.torchrun import sglang_python
 
@@ -30,7 +30,8 @@ PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17]]
 
 
 def serve(tmp, overrides, seed, num_engines=1, **sglang):
-    """(model config, a random megatron model, an SGLangEngine serving the same weights)."""
+    """(model config, a random megatron model, an SGLangClient of servers with the same
+    weights)."""
     python = sglang_python()
     cfg = load_config(None, [f"model.vocab_size={VOCAB}", "model.make_vocab_size_divisible_by=8",
                              *overrides], world_size=1)
@@ -38,7 +39,7 @@ def serve(tmp, overrides, seed, num_engines=1, **sglang):
     torch.manual_seed(seed)
     model = build_gpt_model(cfg.model, cfg.parallel)
     write_hf_folder(hf_weights(model, cfg.model), str(tmp / "hf"), cfg=cfg.model)
-    engine = SGLangEngine.launch(str(tmp / "hf"), SGLangConfig(
+    engine = SGLangClient.launch(str(tmp / "hf"), SGLangConfig(
         python=python, dtype="float32", max_total_tokens=8192, startup_timeout_s=300,
         request_timeout_s=120, **sglang), str(tmp / "logs"), num_engines=num_engines)
     engine.disk_dir = str(tmp / "sync")
