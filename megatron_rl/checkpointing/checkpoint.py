@@ -75,6 +75,30 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def set_aside_checkpoints(root: str, from_step: int) -> Optional[str]:
+    """Move the checkpoints of steps >= from_step (weights known to be diverged) to
+    ROOT/diverged/, point `latest` at the newest one left and return it (None: none left, and no
+    `latest`). Nothing is deleted. Rank 0 only."""
+    aside = os.path.join(root, "diverged")
+    names = sorted(n for n in os.listdir(root) if n.startswith("step_")) \
+        if os.path.isdir(root) else []
+    for name in names:
+        if int(name.split("_")[1]) >= from_step:
+            os.makedirs(aside, exist_ok=True)
+            shutil.rmtree(os.path.join(aside, name), ignore_errors=True)
+            os.rename(os.path.join(root, name), os.path.join(aside, name))
+    left = [n for n in names if int(n.split("_")[1]) < from_step]
+    if not left:
+        if os.path.exists(os.path.join(root, LATEST)):
+            os.remove(os.path.join(root, LATEST))
+        return None
+    pointer = os.path.join(root, f".{LATEST}.tmp")
+    with open(pointer, "w") as f:
+        f.write(left[-1])
+    os.replace(pointer, os.path.join(root, LATEST))
+    return os.path.join(root, left[-1])
+
+
 def latest_checkpoint(root: str) -> Optional[str]:
     """The newest complete checkpoint under root, or None."""
     try:

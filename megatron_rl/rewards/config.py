@@ -14,7 +14,14 @@ class RewardConfig:
     workers: int = 2
     timeout_s: float = 10.0
     memory_limit_mb: Optional[int] = 2048
+    # A reward outside [min_value, max_value], NaN or inf is a verifier fault: scored 0 and
+    # counted (reward/invalid_total), never passed on to the advantages.
+    min_value: float = -1.0
+    max_value: float = 1.0
 
     def __post_init__(self):
+        if not self.min_value < self.max_value:
+            raise ValueError(f"reward.min_value={self.min_value} must be below "
+                             f"reward.max_value={self.max_value}")
         if self.workers < 1 or self.timeout_s <= 0:
             raise ValueError("reward.workers must be >= 1 and reward.timeout_s > 0")

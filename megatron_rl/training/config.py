@@ -41,6 +41,16 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     # Updates with a NaN/inf gradient are skipped; this many skipped steps in a row stop the job.
     max_nonfinite_steps: int = 3
+    # Divergence beyond NaN (megatron_rl/training/guard.py): this many unhealthy steps in a row
+    # stop the job (0: no guard); a step is unhealthy when every reward is 0 after positive ones,
+    # when its grad norm is over divergence_grad_norm_ratio x the recent median (0: not checked),
+    # or when the entropy moves more than divergence_entropy_jump nats in a step (0: not checked).
+    # No checkpoint is written while unhealthy steps run; on a stop, the checkpoints holding
+    # diverged weights move to checkpoints/diverged/ (one more than keep_checkpoints is kept
+    # while the guard is on, so one from before the divergence is always left).
+    divergence_steps: int = 10
+    divergence_grad_norm_ratio: float = 0.0
+    divergence_entropy_jump: float = 0.0
     # Initial policy weights: a megatron checkpoint (e.g. tools/convert_checkpoint.py
     # hf-to-megatron output), any TP/PP layout. A resumed run takes the policy from its
     # checkpoint; it still loads these (and the warm start) for the frozen reference policy
@@ -53,6 +63,9 @@ class TrainingConfig:
     cache_dir: str = "runs/cache"
 
     def __post_init__(self):
+        for name in ("divergence_steps", "divergence_grad_norm_ratio", "divergence_entropy_jump"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"training.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("steps", "micro_batch_size", "seq_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")

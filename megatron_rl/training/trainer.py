@@ -14,6 +14,7 @@ Every rank builds a trainer and calls the same phases in the same order: the pha
 collective. The trainer checkpoints its own state (step, entropy-law points, weight version)
 next to the model and optimizer, and `close()` releases everything on every exit path.
 """
+import logging
 import math
 import os
 import signal
@@ -26,9 +27,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.errors import EngineError
-from megatron_rl.rollout.types import Sample, SamplingParams
+from megatron_rl.rollout.types import RolloutEngine, Sample, SamplingParams
 from megatron_rl.seeds import derive_seed
+from megatron_rl.training.guard import DivergenceGuard
 from megatron_rl.training.rl_batch import MicroBatch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,13 +56,16 @@ class RLTrainer:
         optimizer, rollout engine, metric sinks. `resume`: "none", "auto" (the newest checkpoint
         under training.output_dir/checkpoints, if any) or a checkpoint path. Collective."""
         self.cfg = cfg
-        self.model = self.ref_model = self.engine = self.reward_pool = self.sinks = None
+        self.model = self.ref_model = self.reward_pool = self.sinks = None
+        self.engine: Optional[RolloutEngine] = None
         self.bar = None
         self._closed = False
-        # Pre-emption: SIGTERM (sent by torchrun / Slurm to every rank) ends the current step,
-        # writes a checkpoint and exits; the flag is all-reduced so every rank stops together.
-        self._sigterm: List[bool] = []
-        signal.signal(signal.SIGTERM, lambda *_: self._sigterm.append(True))
+        # Pre-emption: SIGTERM (sent by torchrun / Slurm to every rank) and Ctrl-C end the
+        # current step, write a checkpoint and exit; the flag is all-reduced so every rank stops
+        # together. A second Ctrl-C aborts at once.
+        self._stop_signals: List[str] = []
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
         try:
             self._build(resume)
         except BaseException:
@@ -74,8 +81,7 @@ class RLTrainer:
         from megatron_rl.models.gpt import build_gpt_model
         from megatron_rl.parallel import state
         from megatron_rl.rewards.pool import RewardPool, load_reward_fn
-        from megatron_rl.rollout.builtin import BuiltinEngine
-        from megatron_rl.rollout.sglang_rollout import SGLangRollout
+        from megatron_rl.rollout.factory import build_rollout_engine
         from megatron_rl.training.actor import build_reference_model
         from megatron_rl.training.optimizer import (build_lr_scheduler, build_optimizer,
                                                     wrap_ddp)
@@ -91,7 +97,7 @@ class RLTrainer:
             self.reward_pool = RewardPool(
                 load_reward_fn(cfg.reward.fn, cfg.reward.allowed_modules), cfg.reward.workers,
                 cfg.reward.timeout_s, cfg.reward.memory_limit_mb)
-        self.reward_faults = {"timeout": 0, "error": 0, "memory": 0}
+        self.reward_faults = {"timeout": 0, "error": 0, "memory": 0, "invalid": 0}
         self.is_logger = info.is_last_pp_stage and info.tp_rank == 0 and info.dp_rank == 0
         self.out_dir, self.ckpt_root = t.output_dir, os.path.join(t.output_dir, "checkpoints")
         if info.rank == 0:
@@ -128,15 +134,11 @@ class RLTrainer:
             weight_version = self.load(resume_from)
         self.start_step = self.step
         self.nonfinite_in_a_row = 0
-        if rc.engine == "sglang":
-            self.engine = SGLangRollout(cfg, self.model, self.out_dir,
-                                        weight_version=weight_version,
-                                        device=rc.sglang.device if rc.sglang.device != "auto"
-                                        else info.device.type)
-        else:
-            self.engine = BuiltinEngine(self.model, vocab_size=self.task.vocab_size,
-                                        seed=rc.seed)
-            self.engine.weight_version = weight_version
+        self.guard = DivergenceGuard(t.divergence_steps, t.divergence_grad_norm_ratio,
+                                     t.divergence_entropy_jump)
+        self.engine = build_rollout_engine(cfg, self.model, self.out_dir, weight_version,
+                                           device=info.device.type,
+                                           vocab_size=self.task.vocab_size)
         from megatron.core import parallel_state as mpu
 
         self.dp_group = mpu.get_data_parallel_group()
@@ -163,13 +165,24 @@ class RLTrainer:
             self.log(dict(step=0, **self.evaluate(0)))
         try:
             for step in range(self.step + 1, t.steps + 1):
-                self.train_step(step)
-                stop = self.stop_requested()
-                if ((t.checkpoint_interval and step % t.checkpoint_interval == 0)
-                        or step == t.steps or stop):
-                    self.save()
+                record = self.train_step(step)
+                reason = self.guard.unhealthy(record)
+                if self.guard.observe(self.any_rank(reason is not None), reason):
+                    self.stop_diverged()
+                stop = self.any_rank(bool(self._stop_signals))
+                if stop or ((t.checkpoint_interval and step % t.checkpoint_interval == 0)
+                            or step == t.steps):
+                    # While a divergence streak runs, no periodic checkpoint: the newest stays
+                    # one from before it. A stop is always checkpointed (one more than
+                    # keep_checkpoints is kept, so that one survives too).
+                    if self.guard.streak and not stop:
+                        self.log_line(f"step {step}: no checkpoint while the run looks diverged "
+                                      f"({self.guard.reasons[-1]}; {self.guard.streak} step(s))")
+                    else:
+                        self.save()
                 if stop:
-                    self.log_line(f"SIGTERM: checkpoint of step {step} written to "
+                    what = "/".join(sorted(set(self._stop_signals))) or "a signal on another rank"
+                    self.log_line(f"{what}: checkpoint of step {step} written to "
                                   f"{self.ckpt_root}; exiting (continue with --resume auto)")
                     break
                 if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
@@ -195,6 +208,26 @@ class RLTrainer:
 
             self.sinks.close()
             self.log_line(f"plots: {', '.join(write_run_plots(self.out_dir))}")
+
+    def stop_diverged(self) -> None:
+        """Stop a diverged run. Its first unhealthy step sampled from the weights of the update
+        before it, so the checkpoints from that update on hold diverged weights: they are moved
+        to checkpoints/diverged/ and `latest` names the newest one from before."""
+        from megatron_rl.checkpointing.checkpoint import set_aside_checkpoints
+
+        g = self.guard
+        first = self.step - g.streak + 1
+        newest = [None]
+        if self.info.rank == 0:
+            newest = [set_aside_checkpoints(self.ckpt_root, first - 1)]
+        dist.broadcast_object_list(newest, src=0)
+        why = g.reasons[0] if g.reasons[0] == g.reasons[-1] else \
+            f"{g.reasons[0]}; at step {self.step}: {g.reasons[-1]}"
+        kept = (f"the newest checkpoint from before it is {newest[0]} (--resume auto continues "
+                f"from it)" if newest[0] else "there is no checkpoint from before it")
+        raise SystemExit(f"steps {first}-{self.step} looked diverged (training.divergence_steps="
+                         f"{g.steps}): {why}. Checkpoints of diverged weights (step >= "
+                         f"{first - 1}) are in {self.ckpt_root}/diverged; {kept}")
 
     def train_step(self, step: int) -> Dict:
         """One RL step; returns its metrics record (complete on the logging rank)."""
@@ -244,13 +277,27 @@ class RLTrainer:
                             rollout_time_s=time.time() - t0)
 
     def score_texts(self, responses: List[str], answers: List[str]) -> List[float]:
+        """Rewards from the task's check or the reward workers. A reward that is not a finite
+        number in [reward.min_value, reward.max_value] is a verifier fault like a crash or a
+        timeout: 0, counted, logged; it never reaches the advantages."""
         if self.reward_pool is None:
-            return self.task.score(responses, answers)
-        rewards, counts = self.reward_pool.score(list(zip(responses, answers)))
-        for key, value in counts.items():
-            if key in self.reward_faults:
-                self.reward_faults[key] += value
-        return rewards
+            rewards = self.task.score(responses, answers)
+        else:
+            rewards, counts = self.reward_pool.score(list(zip(responses, answers)))
+            for key, value in counts.items():
+                if key in self.reward_faults:
+                    self.reward_faults[key] += value
+        low, high = self.cfg.reward.min_value, self.cfg.reward.max_value
+        checked = []
+        for index, reward in enumerate(rewards):
+            valid = isinstance(reward, (int, float)) and math.isfinite(reward) \
+                and low <= reward <= high
+            if not valid:
+                self.reward_faults["invalid"] += 1
+                logger.warning("reward of response %d is %r, outside [%g, %g] or not finite: "
+                               "scored 0 (reward/invalid_total)", index, reward, low, high)
+            checked.append(float(reward) if valid else 0.0)
+        return checked
 
     def score(self, batch: RolloutBatch) -> None:
         responses = [self.task.decode(s.output_ids) for s in batch.samples]
@@ -367,7 +414,7 @@ class RLTrainer:
         trained_tokens = self.dp_mean(float(sum(mb.tokens.numel() for mini in batch.mini_batches
                                                 for mb in mini))) * n_dp * t.ppo_epochs
         record["train_tokens_per_s"] = trained_tokens / max(train_time_s, 1e-9)
-        if self.reward_pool is not None:
+        if self.reward_pool is not None or self.reward_faults["invalid"]:
             record.update({f"reward/{k}_total": v for k, v in self.reward_faults.items()})
         if self.task.skipped_rows and step == self.start_step + 1:
             record.update({f"data/skipped_{k}": v for k, v in self.task.skipped_rows.items()})
@@ -408,11 +455,20 @@ class RLTrainer:
 
             tqdm.write(message)
 
-    def stop_requested(self) -> bool:
-        """A SIGTERM reached any rank (all-reduced: every rank stops at the same step)."""
-        stop = torch.tensor([1.0 if self._sigterm else 0.0])
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        return bool(stop.item())
+    def _on_stop_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and signal.Signals.SIGINT.name in self._stop_signals:
+            raise KeyboardInterrupt
+        self._stop_signals.append(name)
+        if signum == signal.SIGINT:
+            self.log_line("SIGINT: finishing the current step, then a checkpoint and exit "
+                          "(Ctrl-C again to abort without one)")
+
+    def any_rank(self, flag: bool) -> bool:
+        """True when `flag` is true on any rank (all-reduced: every rank decides the same)."""
+        x = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return bool(x.item())
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -424,9 +480,11 @@ class RLTrainer:
     def save(self) -> str:
         from megatron_rl.checkpointing.checkpoint import save_checkpoint
 
+        # With the divergence guard on, one more is kept: the newest checkpoint is known good
+        # only once the next step's rollouts, sampled from its weights, look healthy.
+        keep = self.cfg.training.keep_checkpoints + (1 if self.guard.steps else 0)
         return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer,
-                               self.scheduler, self.state_dict(),
-                               keep=self.cfg.training.keep_checkpoints)
+                               self.scheduler, self.state_dict(), keep=keep)
 
     def load(self, path: str) -> int:
         """Model, optimizer, scheduler and trainer state from a checkpoint; returns the weight
@@ -446,7 +504,7 @@ class RLTrainer:
         if self._closed:
             return
         self._closed = True
-        if self.engine is not None and hasattr(self.engine, "shutdown"):  # TEMP until protocol merge
+        if self.engine is not None:
             self.engine.shutdown()
         if self.bar is not None:
             self.bar.close()

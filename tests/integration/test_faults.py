@@ -72,7 +72,9 @@ def test_nonfinite_gradients_skip_the_update(tiny_model):
     assert any(not torch.equal(a, p) for a, p in zip(before[0], model.parameters()))
 
 
-def test_sigterm_checkpoints_and_resumes(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_checkpoints_and_resumes(tmp_path, stop_signal):
+    """SIGTERM (pre-emption) and Ctrl-C alike: the step finishes, a checkpoint, exit 0."""
     out = tmp_path / "run"
     common = ["--config", "tests/configs/tiny_addition.yaml", f"training.output_dir={out}",
               f"training.cache_dir={tmp_path / 'cache'}", "training.sft_steps=20",
@@ -88,14 +90,15 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(stop_signal)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     last = steps[-1]
     assert 3 <= last < 500
     latest = (out / "checkpoints" / "latest").read_text()
-    assert latest == f"step_{last:08d}" and "SIGTERM: checkpoint of step" in stdout + stderr
+    assert latest == f"step_{last:08d}"
+    assert f"{stop_signal.name}: checkpoint of step" in stdout + stderr
     resumed = subprocess.run([sys.executable, "-m", "megatron_rl.train", "--resume", "auto",
                               *common, f"training.steps={last + 2}"], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)

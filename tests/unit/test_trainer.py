@@ -164,3 +164,43 @@ def test_close_releases_everything_on_every_exit_path(tmp_path):
     trainer.close()
     assert not dist.is_initialized()
     assert trainer.sinks._file.closed
+
+
+def test_invalid_rewards_are_verifier_faults_not_poison(tmp_path):
+    """NaN, inf and out-of-range rewards score 0 and are counted; the update still happens."""
+    trainer = RLTrainer(tiny_config(tmp_path))
+    try:
+        check = trainer.task.score
+        bad = [float("nan"), float("inf"), 1e30, -2.0]
+
+        def scored(responses, answers):
+            return bad + check(responses, answers)[len(bad):]
+
+        trainer.task.score = scored
+        record = trainer.train_step(1)
+        assert trainer.reward_faults["invalid"] == 4 and record["reward/invalid_total"] == 4
+        assert trainer.nonfinite_in_a_row == 0 and record.get("nonfinite_skipped", 0.0) == 0.0
+        batch = trainer.rollout(2)
+        trainer.score(batch)
+        assert batch.rewards[:4].tolist() == [0.0] * 4 and torch.isfinite(batch.rewards).all()
+    finally:
+        trainer.close()
+
+
+def test_a_diverged_run_stops_and_sets_its_checkpoints_aside(tmp_path):
+    """lr 1e10: the first update ruins the weights while every number stays finite; rewards
+    collapse to 0 and the guard stops the job, moving the checkpoint of the ruined weights out
+    of --resume auto's way."""
+    trainer = RLTrainer(tiny_config(tmp_path, "training.sft_steps=150", "training.lr=1e10",
+                                    "training.steps=20", "training.checkpoint_interval=1",
+                                    "training.divergence_steps=3"))
+    try:
+        with pytest.raises(SystemExit, match="looked diverged") as stop:
+            trainer.fit()
+    finally:
+        trainer.close()
+    root = tmp_path / "run" / "checkpoints"
+    assert "every reward is 0" in str(stop.value)
+    assert trainer.step < 20
+    assert (root / "diverged" / "step_00000001").is_dir()
+    assert not list(root.glob("step_*")) and not (root / "latest").exists()
