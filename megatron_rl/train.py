@@ -101,7 +101,7 @@ def main(argv=None):
     from megatron.core import parallel_state as mpu
 
     t, rc, alg = cfg.training, cfg.rollout, cfg.algorithm
-    task = build_task(cfg, step_seed)
+    task = build_task(cfg)
     if cfg.model.vocab_size < task.vocab_size:
         raise SystemExit(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                          f"tokenizer's {task.vocab_size}")
