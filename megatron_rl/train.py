@@ -5,12 +5,12 @@ weight sync -> metrics -> checkpoint. Runs on any TP/PP/DP layout megatron-core 
 """
 import argparse
 import json
+import logging
 import math
 import os
 import signal
 import sys
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -63,8 +63,10 @@ def main(argv=None):
     # a checkpoint and exits; the flag is all-reduced so every rank stops at the same step.
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
-    # megatron-core warns at import about optional GPU packages (TE, apex) and experimental APIs.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    from megatron_rl.console import setup_logging, silence_third_party_warnings
+
+    silence_third_party_warnings()  # before megatron.core is imported: most warn at import
+    setup_logging(log_rank=False)  # warnings only, until the logging rank is known
     from megatron_rl.config import ConfigError, load_config, to_dict
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -121,7 +123,8 @@ def main(argv=None):
                 reward_faults[key] += value
         return rewards
     is_logger = info.is_last_pp_stage and info.tp_rank == 0 and info.dp_rank == 0
-    log = (lambda msg: tqdm.write(msg)) if is_logger else (lambda msg: None)
+    setup_logging(is_logger)
+    log = logging.getLogger("megatron_rl.train").info  # not __name__: that is __main__ here
     out_dir, ckpt_root = t.output_dir, os.path.join(t.output_dir, "checkpoints")
     if info.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
