@@ -18,6 +18,7 @@ flushes the radix cache:
 """
 import base64
 import io
+import logging
 import os
 import threading
 import time
@@ -35,6 +36,8 @@ from megatron_rl.rollout.sglang_server import (SGLangRouter, SGLangServer, log_t
                                                router_installed)
 from megatron_rl.seeds import derive_seed
 from megatron_rl.rollout.types import Sample, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 NamedTensors = Iterable[Tuple[str, torch.Tensor]]
 
@@ -212,8 +215,8 @@ class SGLangEngine:
                               f"restarts in this job (rollout.sglang.max_restarts="
                               f"{self.cfg.max_restarts}); {server.log_path}:\n"
                               f"{log_tail(server.log_path)}")
-        print(f"[megatron-rl] restarting SGLang engine {index} ({reason}); "
-              f"restart {self.restarts}/{self.cfg.max_restarts}", flush=True)
+        logger.warning("restarting SGLang engine %d (%s); restart %d/%d", index, reason,
+                       self.restarts, self.cfg.max_restarts)
         entry = self._groups.pop(index, None)
         if entry is not None:
             dist.destroy_process_group(entry[0])
@@ -238,7 +241,7 @@ class SGLangEngine:
                               f"restarts in this job (rollout.sglang.max_restarts="
                               f"{self.cfg.max_restarts}); {self.router.log_path}:\n"
                               f"{log_tail(self.router.log_path)}")
-        print(f"[megatron-rl] restarting sglang_router ({reason})", flush=True)
+        logger.warning("restarting sglang_router (%s)", reason)
         self.router.restart([s.url for i, s in enumerate(self.servers)
                              if i not in self.stale and s.alive()])
 
