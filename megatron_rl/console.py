@@ -83,10 +83,11 @@ SILENCED_WARNINGS = [
      FutureWarning, r"torch\.distributed\.c10d_logger$"),
     # megatron's dist_checkpointing.load reads the common state and its own shards with
     # torch.distributed.checkpoint.load(..., no_dist=True) on purpose (megatron coordinates the
-    # ranks); torch then says it assumes a single process. The process group is up; nothing is
-    # wrong.
+    # ranks), and tools/convert_checkpoint.py saves and loads with no_dist=True (one process by
+    # design); torch warns on every such call that it assumes a single process, even when it is
+    # told so. Nothing is wrong.
     (r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to "
-     r"load in a single process\.", UserWarning, r"torch\.distributed\.checkpoint\."),
+     r"(load|save) in a single process\.", UserWarning, r"torch\.distributed\.checkpoint\."),
     # megatron's dist_checkpointing passes the storage reader to torch.distributed.checkpoint.load
     # positionally, which torch's compatibility shim flags. megatron-core's call, not ours.
     (r"The argument order of load has been changed\. ", UserWarning,
