@@ -1,8 +1,8 @@
 """What a run prints: the package's one logger, and the third-party warnings it silences.
 
 Every module logs through a child of the `megatron_rl` logger (`logging.getLogger(__name__)`);
-entry points (megatron_rl.train, `python -m megatron_rl.training.sft`, tools/*.py) call
-`setup_logging` once they know whether their rank logs. Its lines go to stderr through
+entry points (megatron_rl.train, `python -m megatron_rl.training.sft`, tools/bench_rollout.py)
+call `setup_logging` once they know whether their rank logs. Its lines go to stderr through
 `tqdm.write` (an active progress bar is redrawn below them, not torn), formatted
 
     [megatron-rl] 2026-11-29 08:05:24 INFO step 10: reward 0.412 entropy 0.8731 0.52s
