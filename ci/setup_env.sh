@@ -29,6 +29,8 @@ C=(-c "$ROOT/ci/constraints-cpu.txt")
 "$VENV/bin/python" - <<'PY'
 import torch, megatron_rl._C as ext
 from megatron_rl.compat import apply_cpu_patches
+from megatron_rl.console import silence_third_party_warnings
+silence_third_party_warnings()  # megatron-core's TE / apex fallback notices at import
 apply_cpu_patches()  # megatron.core does not import on CPU without them
 import megatron.core
 assert torch.version.cuda is None or torch.cuda.is_available(), (

@@ -135,7 +135,7 @@ report() {  # one line per newly finished run; a failed run's log tail
     read -r rc secs <"$f"
     method=${name%.*}; seed=${name##*.}; dir="$OUT/$method/seed_$seed"
     if [ "$rc" = 0 ]; then
-      last=$(grep -E '^step [0-9]+:' "$dir/train.log" | tail -n 1 || true)
+      last=$(grep -oE 'step [0-9]+: .*' "$dir/train.log" | tail -n 1 || true)
       echo "[$finished/$total done, $((launched - finished)) running, $((SECONDS - START)) s]" \
            "$method seed $seed: ok in $secs s${last:+ -- $last}"
     else

@@ -7,7 +7,6 @@ metrics -> checkpoint, on any TP/PP/DP layout megatron-core gives.
 import argparse
 import os
 import sys
-import warnings
 
 
 def parse_args(argv=None):
@@ -24,8 +23,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # megatron-core warns at import about optional GPU packages (TE, apex) and experimental APIs.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    from megatron_rl.console import setup_logging, silence_third_party_warnings
+
+    silence_third_party_warnings()  # before megatron.core is imported: most warn at import
+    setup_logging(log_rank=False)  # warnings only, until the logging rank is known
     from megatron_rl.config import load_config
     from megatron_rl.errors import ConfigError
 

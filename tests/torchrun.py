@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_torchrun(script, nproc, args=(), timeout=600, env=None):
-    """Run `torchrun --nproc_per_node nproc script *args` on 127.0.0.1; return its stdout.
+    """Run `torchrun --nproc_per_node nproc script *args` on 127.0.0.1; return its stdout
+    followed by its stderr (where the trainer's log lines go).
 
     Raises AssertionError with the combined output when the launch fails or times out.
     """
@@ -35,7 +36,7 @@ def run_torchrun(script, nproc, args=(), timeout=600, env=None):
         raise AssertionError(f"torchrun {script} timed out after {timeout}s\n{e.stdout}\n{e.stderr}")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"torchrun {script} failed (rc={proc.returncode}):\n{out[-20000:]}"
-    return proc.stdout
+    return out
 
 
 def sglang_python():

@@ -22,6 +22,7 @@ Needs the SGLang venv (--sglang-python, default .venv-sglang/bin/python); CPU, f
 """
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -29,13 +30,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
 import torch
 
-warnings.filterwarnings("ignore")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from megatron_rl.console import setup_logging, silence_third_party_warnings  # noqa: E402
+
+log = logging.getLogger("megatron_rl.bench_rollout").info  # progress, on stderr; the report: stdout
 
 
 def _raw_helper(port, nbytes, count):
@@ -139,6 +141,8 @@ def main():
     args = parser.parse_args()
     if args.raw_helper:
         return _raw_helper(*args.raw_helper)
+    silence_third_party_warnings()
+    setup_logging()
 
     from megatron_rl.config import load_config
     from megatron_rl.models.gpt import build_gpt_model
@@ -191,7 +195,7 @@ def run_engines(args, cfg, model, work):
                                                  for s in builtin.generate(ps, sp)]),
                          ("hf", hf_generate_fn(hf_dir, sp))):
             gen[name] = timed_generate(fn, prompts, args.gen_repeats, args.new_tokens)
-            print(f"{name}: {gen[name][0]:.0f} tokens/s", flush=True)
+            log(f"{name}: {gen[name][0]:.0f} tokens/s")
 
     bucket = {} if args.bucket_mb is None else {"bucket_mb": args.bucket_mb}
     scfg = SGLangConfig(python=args.sglang_python, dtype="float32", startup_timeout_s=300, **bucket,
@@ -201,12 +205,12 @@ def run_engines(args, cfg, model, work):
     engine = SGLangClient.launch(hf_dir, scfg, os.path.join(work, "logs"), 1)
     startup_s = time.perf_counter() - t0
     try:
-        print(f"sglang server ready in {startup_s:.1f} s", flush=True)
+        log(f"sglang server ready in {startup_s:.1f} s")
         if not args.sync_only:
             gen["sglang"] = timed_generate(
                 lambda ps: [len(s.output_ids) for s in engine.generate(ps, sp)], prompts,
                 args.gen_repeats, args.new_tokens)
-            print(f"sglang: {gen['sglang'][0]:.0f} tokens/s", flush=True)
+            log(f"sglang: {gen['sglang'][0]:.0f} tokens/s")
         version = 0
         for method in ("distributed", "tensor", "disk"):
             runs = [engine.update_weights(hf_weights(model, cfg.model), version + i + 1,
@@ -216,8 +220,7 @@ def run_engines(args, cfg, model, work):
             times = [r["seconds"] for r in runs]
             sync[method] = (runs[0]["bytes"], statistics.median(times[1:]), min(times[1:]),
                             times[0])
-            print(f"sync {method}: {sync[method][1]:.3f} s (first call {times[0]:.3f} s)",
-                  flush=True)
+            log(f"sync {method}: {sync[method][1]:.3f} s (first call {times[0]:.3f} s)")
         assert engine.generate(prompts[:1], sp)[0].weight_version == version
     finally:
         engine.shutdown()

@@ -12,11 +12,12 @@ torch.mm, since a CPU has no datasheet peak that torch reaches. Single process (
 """
 import argparse
 import time
-import warnings
 
 import torch
 
-warnings.filterwarnings("ignore")
+from megatron_rl.console import silence_third_party_warnings
+
+silence_third_party_warnings()
 
 
 def matmul_peak_gflops(n=1024, repeats=10):

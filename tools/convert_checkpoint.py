@@ -9,9 +9,9 @@ the vocabulary padding, and --tp/--pp are checked to split the model. See docs/c
 import argparse
 import re
 import sys
-import warnings
 
 from megatron_rl.checkpointing.convert import export_hf_checkpoint, import_hf_checkpoint
+from megatron_rl.console import silence_third_party_warnings
 from megatron_rl.models.hf_mapping import ConversionError
 
 
@@ -67,5 +67,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    warnings.filterwarnings("ignore")
+    silence_third_party_warnings()
     sys.exit(main())

@@ -7,7 +7,7 @@ sums (sum-exp, sum-exp * z, target logit). The backward recomputes the softmax f
 logits and the per-token lse / entropy, so no [tokens, vocab] probability tensor is ever held;
 it needs no communication because the loss is replicated across the TP ranks.
 """
-import warnings
+import logging
 from types import SimpleNamespace
 
 import torch
@@ -15,14 +15,16 @@ import torch.distributed as dist
 
 import megatron_rl.ops.reference as reference
 
+logger = logging.getLogger(__name__)
+
 try:
     from megatron_rl import _C  # noqa: F401  (loading it registers torch.ops.megatron_rl)
 
     _NATIVE_OPS = torch.ops.megatron_rl
     _NATIVE_HAS_CUDA = bool(_C.with_cuda)
 except ImportError as exc:  # pragma: no cover - exercised by the fallback test in a subprocess
-    warnings.warn(f"megatron_rl._C unavailable ({exc}); vocab-parallel ops use the PyTorch reference",
-                  stacklevel=2)
+    logger.warning("megatron_rl._C unavailable (%s); vocab-parallel ops use the PyTorch reference",
+                   exc)
     _NATIVE_OPS = None
     _NATIVE_HAS_CUDA = False
 
@@ -42,8 +44,9 @@ def phase_ops(device):
         return _NATIVE_OPS
     if _NATIVE_OPS is not None and device.type not in _WARNED_DEVICE_TYPES:
         _WARNED_DEVICE_TYPES.add(device.type)
-        warnings.warn(f"megatron_rl._C has no {device.type} kernels (rebuild with MEGATRON_RL_FORCE_CUDA=1 on a "
-                      "CUDA host); vocab-parallel ops use the PyTorch reference", stacklevel=2)
+        logger.warning("megatron_rl._C has no %s kernels (rebuild with MEGATRON_RL_FORCE_CUDA=1 "
+                       "on a CUDA host); vocab-parallel ops use the PyTorch reference",
+                       device.type)
     return _REFERENCE_OPS
 
 

@@ -17,6 +17,7 @@ Weight sync (update_weights) sits between /begin_weight_update and /end_weight_u
 request sets the weight version, which every later response carries (Sample.weight_version), and
 flushes the radix cache. The methods (distributed, tensor, disk) are weight_transfer.py's.
 """
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,8 @@ from megatron_rl.rollout.sglang_server import (SGLangRouter, SGLangServer, log_t
                                                router_installed, start_servers)
 from megatron_rl.rollout.types import Sample, SamplingParams
 from megatron_rl.rollout.weight_transfer import NamedTensors, WeightSender
+
+logger = logging.getLogger(__name__)
 
 
 class SGLangClient:
@@ -88,8 +91,8 @@ class SGLangClient:
                               f"restarts in this job (rollout.sglang.max_restarts="
                               f"{self.cfg.max_restarts}); {server.log_path}:\n"
                               f"{log_tail(server.log_path)}")
-        print(f"[megatron-rl] restarting SGLang engine {index} ({reason}); "
-              f"restart {self.restarts}/{self.cfg.max_restarts}", flush=True)
+        logger.warning("restarting SGLang engine %d (%s); restart %d/%d", index, reason,
+                       self.restarts, self.cfg.max_restarts)
         self.sender.drop_group(index)
         if self.restart_server is not None:
             self.restart_server(index)
@@ -112,7 +115,7 @@ class SGLangClient:
                               f"restarts in this job (rollout.sglang.max_restarts="
                               f"{self.cfg.max_restarts}); {self.router.log_path}:\n"
                               f"{log_tail(self.router.log_path)}")
-        print(f"[megatron-rl] restarting sglang_router ({reason})", flush=True)
+        logger.warning("restarting sglang_router (%s)", reason)
         self.router.restart([s.url for i, s in enumerate(self.servers)
                              if i not in self.stale and s.alive()])
 

@@ -9,6 +9,7 @@ README's comparison -- load it instead of training again.
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 
 import torch
@@ -20,6 +21,8 @@ from megatron_rl.data.task import build_task
 from megatron_rl.files import publish_folder
 from megatron_rl.training.optimizer import build_optimizer
 from megatron_rl.training.step import SupervisedBatch, train_step
+
+logger = logging.getLogger("megatron_rl.training.sft")  # not __name__: __main__ under python -m
 
 
 def sft_cache_key(cfg, demonstrations) -> str:
@@ -39,7 +42,7 @@ def sft_cache_key(cfg, demonstrations) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def warm_start(model, cfg, info, log=print) -> str:
+def warm_start(model, cfg, info, log=logger.info) -> str:
     """Load the cached SFT weights into `model`, training and caching them first if needed."""
     # the prompt order is irrelevant here: demonstrations draw their own problems
     demonstrations = build_task(cfg).demonstrations
@@ -88,14 +91,16 @@ def main(argv=None) -> int:
     Logs go to stderr. The same process-group set-up as the trainer."""
     import argparse
     import sys
-    import warnings
+
+    from megatron_rl.console import setup_logging, silence_third_party_warnings
 
     parser = argparse.ArgumentParser(prog="python -m megatron_rl.training.sft",
                                      description=main.__doc__)
     parser.add_argument("--config", help="YAML job config (examples/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_intermixed_args(argv)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    silence_third_party_warnings()  # before megatron.core is imported: most warn at import
+    setup_logging(log_rank=False)  # warnings only, until the logging rank is known
     from megatron_rl.config import ConfigError, load_config
 
     try:
@@ -112,11 +117,13 @@ def main(argv=None) -> int:
     from megatron_rl.training.optimizer import wrap_ddp
 
     info = state.initialize(cfg.parallel)
+    # INFO on the trainer's logging rank (the one holding the losses)
+    setup_logging(info.is_last_pp_stage and info.tp_rank == 0 and info.dp_rank == 0)
     model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel),
                      cfg.training.use_distributed_optimizer)
     if cfg.training.init_checkpoint:  # as the trainer does: the warm start continues from it
         load_model(model, cfg.training.init_checkpoint)
-    path = warm_start(model, cfg, info, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    path = warm_start(model, cfg, info)
     if info.rank == 0:
         print(path, flush=True)
     state.destroy()

@@ -77,6 +77,7 @@ class RLTrainer:
 
         from megatron_rl.checkpointing.checkpoint import latest_checkpoint
         from megatron_rl.config import to_dict
+        from megatron_rl.console import setup_logging
         from megatron_rl.data.task import build_task
         from megatron_rl.models.gpt import build_gpt_model
         from megatron_rl.parallel import state
@@ -99,6 +100,7 @@ class RLTrainer:
                 cfg.reward.timeout_s, cfg.reward.memory_limit_mb)
         self.reward_faults = {"timeout": 0, "error": 0, "memory": 0, "invalid": 0}
         self.is_logger = info.is_last_pp_stage and info.tp_rank == 0 and info.dp_rank == 0
+        setup_logging(self.is_logger)
         self.out_dir, self.ckpt_root = t.output_dir, os.path.join(t.output_dir, "checkpoints")
         if info.rank == 0:
             import json
@@ -120,9 +122,9 @@ class RLTrainer:
             from megatron_rl.checkpointing.model import load_model
 
             load_model(self.model, t.init_checkpoint)
-            self.log_line(f"initial weights from {t.init_checkpoint}")
+            logger.info(f"initial weights from {t.init_checkpoint}")
         if t.sft_steps and initial_weights:
-            warm_start(self.model, cfg, info, self.log_line)
+            warm_start(self.model, cfg, info)
         if alg.kl_ref_coef > 0:
             self.ref_model = build_reference_model(self.model, cfg.model, cfg.parallel)
         self.optimizer = build_optimizer([self.model], t, t.use_distributed_optimizer)
@@ -176,13 +178,13 @@ class RLTrainer:
                     # one from before it. A stop is always checkpointed (one more than
                     # keep_checkpoints is kept, so that one survives too).
                     if self.guard.streak and not stop:
-                        self.log_line(f"step {step}: no checkpoint while the run looks diverged "
+                        logger.info(f"step {step}: no checkpoint while the run looks diverged "
                                       f"({self.guard.reasons[-1]}; {self.guard.streak} step(s))")
                     else:
                         self.save()
                 if stop:
                     what = "/".join(sorted(set(self._stop_signals))) or "a signal on another rank"
-                    self.log_line(f"{what}: checkpoint of step {step} written to "
+                    logger.info(f"{what}: checkpoint of step {step} written to "
                                   f"{self.ckpt_root}; exiting (continue with --resume auto)")
                     break
                 if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
@@ -207,7 +209,7 @@ class RLTrainer:
             from megatron_rl.analysis.plots import write_run_plots
 
             self.sinks.close()
-            self.log_line(f"plots: {', '.join(write_run_plots(self.out_dir))}")
+            logger.info(f"plots: {', '.join(write_run_plots(self.out_dir))}")
 
     def stop_diverged(self) -> None:
         """Stop a diverged run. Its first unhealthy step sampled from the weights of the update
@@ -435,7 +437,7 @@ class RLTrainer:
         step = record["step"]
         entropy = record.get("entropy", float("nan"))
         if step == 0:
-            self.log_line("step 0: " + " ".join(f"{k} {v:.3f}" for k, v in record.items()
+            logger.info("step 0: " + " ".join(f"{k} {v:.3f}" for k, v in record.items()
                                                 if k != "step"))
             return
         self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}", entropy=f"{entropy:.3f}",
@@ -444,16 +446,10 @@ class RLTrainer:
                              train_tok_s=f"{record['train_tokens_per_s']:.0f}")
         self.bar.update(1)
         if step % self.cfg.training.log_interval == 0:
-            self.log_line(f"step {step}: reward {record['reward_mean']:.3f} entropy "
+            logger.info(f"step {step}: reward {record['reward_mean']:.3f} entropy "
                           f"{entropy:.4f} " + (f"eval_acc {record['eval_accuracy']:.3f} "
                                                if "eval_accuracy" in record else "")
                           + f"{record['step_time_s']:.2f}s")
-
-    def log_line(self, message: str) -> None:
-        if self.is_logger:
-            from tqdm import tqdm
-
-            tqdm.write(message)
 
     def _on_stop_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -461,7 +457,7 @@ class RLTrainer:
             raise KeyboardInterrupt
         self._stop_signals.append(name)
         if signum == signal.SIGINT:
-            self.log_line("SIGINT: finishing the current step, then a checkpoint and exit "
+            logger.info("SIGINT: finishing the current step, then a checkpoint and exit "
                           "(Ctrl-C again to abort without one)")
 
     def any_rank(self, flag: bool) -> bool:
@@ -494,7 +490,7 @@ class RLTrainer:
         train_state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step = train_state["step"]
         self.law_points = [tuple(p) for p in train_state.get("law_points", [])]
-        self.log_line(f"resumed from {path} at step {self.step}")
+        logger.info(f"resumed from {path} at step {self.step}")
         return train_state.get("weight_version", self.step)
 
     def close(self) -> None:
