@@ -15,7 +15,8 @@ def layout_rows():
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 2 and cells[0].startswith("`"):
-            rows.append((cells[0].strip("`"), cells[1]))
+            # a row may name several paths: `a.py`, `b.py`
+            rows += [(path, cells[1]) for path in re.findall(r"`([^`]+)`", cells[0])]
     return rows
 
 
