@@ -22,7 +22,7 @@ C=(-c "$ROOT/ci/constraints-cpu.txt")
 # Python 3.11 and megatron-core 0.19.2"); --ignore-requires-python is needed for it alone.
 "${PIP[@]}" install "${C[@]}" --ignore-requires-python megatron-core==0.19.2
 "${PIP[@]}" install "${C[@]}" pyyaml psutil pybind11 tqdm ninja pytest pytest-timeout \
-  transformers safetensors matplotlib pyarrow math-verify tensorboard requests
+  transformers safetensors matplotlib pyarrow math-verify tensorboard requests ruff
 # The package and its extension, built against the torch above (no build isolation).
 "${PIP[@]}" install "${C[@]}" --ignore-requires-python --no-build-isolation --no-deps -e "$ROOT"
 

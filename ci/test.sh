@@ -13,6 +13,8 @@ if [ -f ci/check_cuda_kernels.sh ]; then
   bash ci/check_cuda_kernels.sh
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+# Lint first: seconds, and a finding fails CI like a test (ruff.toml: line length, pyflakes).
+"$VENV/bin/ruff" check --no-cache .
 set +e
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@"
 rc=$?
