@@ -10,6 +10,7 @@ from typing import Iterator, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_rl.files import publish_folder
 from megatron_rl.models.config import ModelConfig
 from megatron_rl.models.hf_mapping import hf_config_from_model_config, megatron_to_hf_tensors
 from megatron_rl.parallel.gather import named_full_tensors
@@ -94,6 +95,5 @@ def write_hf_folder(named_tensors, out_dir: str, files_from: str = None,
             json.dump(hf_config_from_model_config(cfg), f, indent=2)
     tensors = {name: t.detach().contiguous().cpu() for name, t in named_tensors}
     save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(staging, out_dir)
+    publish_folder(staging, out_dir)
     return sum(t.numel() * t.element_size() for t in tensors.values())
