@@ -1,28 +1,54 @@
 """Training checkpoints: model, optimizer and LR scheduler through megatron dist_checkpointing,
-plus the step and the data position, written atomically and pruned to the last N.
+plus the step and the data position, written atomically, verified when read, pruned to the last N.
 
-Layout: ROOT/step_00000012/ (a megatron distributed checkpoint + train_state.json) and
-ROOT/latest (the name of the newest complete one). A checkpoint is written to a temporary
-folder and renamed into place after every rank has finished, and `latest` is replaced with
-os.replace, so a crash mid-write leaves the previous checkpoint as the one `--resume auto` finds.
+Layout: ROOT/step_00000012/ (a megatron distributed checkpoint: .metadata, __<rank>_<i>.distcp,
+common.pt, metadata.json; train_state.json; digests.json, the SHA-256 and size of every other
+file) and ROOT/latest (the name of the newest complete one). A checkpoint is written to
+ROOT/.tmp_step_N, its digests last, and renamed into place after every rank has finished, and
+`latest` is replaced with os.replace, so a crash mid-write leaves the previous checkpoint as the
+one `--resume auto` finds.
+
+Reading one back checks its digests first (every rank a share of the files), then loads it; a
+checkpoint that fails either is a CheckpointError naming it and the file. `--resume auto` tries the
+checkpoint `latest` names, then the older ones, newest first, and says which it skipped and why;
+without `latest` it takes the newest intact one and says so.
 """
 import json
 import os
+import re
 import shutil
-from typing import Optional
+import sys
+from typing import Callable, List, Optional, Tuple
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_rl.checkpointing.model import verify_checkpoint_metadata
+from megatron_rl.checkpointing.digests import verify_digests, write_digests
+from megatron_rl.checkpointing.model import UnsafeCheckpointError, verify_checkpoint_metadata
+from megatron_rl.errors import CheckpointError
 from megatron_rl.files import publish_folder
 from megatron_rl.models.unwrap import unwrap_model
 
 LATEST = "latest"
 STATE_FILE = "train_state.json"
+_STEP_NAME = re.compile(r"step_(\d+)")
+_TMP_PREFIX = ".tmp_"
+# what a failed save or load raises (torch's CheckpointException is a BaseException)
+_ERRORS = (Exception, CheckpointException)
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def warn(message: str) -> None:
+    """Loud, once per job: stderr of rank 0."""
+    if _rank0():
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 def optimizer_has_state(optimizer) -> bool:
@@ -40,14 +66,16 @@ def _sharded_state(model, optimizer, is_loading: bool, with_optimizer: bool):
     return state
 
 
+# -- writing -----------------------------------------------------------------------------------
+
 def save_checkpoint(root: str, step: int, model, optimizer, scheduler, train_state: dict,
                     keep: int = 2) -> str:
     """Collective. Returns the checkpoint's folder."""
     from megatron.core import dist_checkpointing
 
     final = os.path.join(root, checkpoint_name(step))
-    tmp = os.path.join(root, f".tmp_{checkpoint_name(step)}")
-    if dist.get_rank() == 0:
+    tmp = os.path.join(root, _TMP_PREFIX + checkpoint_name(step))
+    if _rank0():
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed attempt
         os.makedirs(tmp)
@@ -55,10 +83,13 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, train_sta
     with_optimizer = optimizer_has_state(optimizer)
     dist_checkpointing.save(_sharded_state(model, optimizer, False, with_optimizer), tmp)
     dist.barrier()
-    if dist.get_rank() == 0:
+    if _rank0():
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump(dict(train_state, step=step, scheduler=scheduler.state_dict(),
                            optimizer_state=with_optimizer), f)
+    dist.barrier()
+    write_digests(tmp)
+    if _rank0():
         publish_folder(tmp, final)
         pointer = os.path.join(root, f".{LATEST}.tmp")
         with open(pointer, "w") as f:
@@ -69,36 +100,144 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, train_sta
     return final
 
 
+def _describe(error: BaseException) -> str:
+    """One line per failure: torch's CheckpointException carries each rank's exception (its own
+    text is a traceback)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(error, CheckpointException) and isinstance(failures, dict):
+        return "; ".join(f"rank {rank}: {_describe(exc)}" for rank, (exc, _) in failures.items())
+    return type(error).__name__ + (f": {error}" if str(error) else "")
+
+
 def _prune(root: str, keep: int) -> None:
-    names = sorted(n for n in os.listdir(root) if n.startswith("step_"))
+    names = [name for _, name in checkpoint_steps(root)]
     for name in names[:-keep]:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def latest_checkpoint(root: str) -> Optional[str]:
-    """The newest complete checkpoint under root, or None."""
+# -- finding -----------------------------------------------------------------------------------
+
+def checkpoint_steps(root: str) -> List[Tuple[int, str]]:
+    """(step, folder name) of every checkpoint folder under root, oldest first."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    found = [(int(m.group(1)), n) for n in names if (m := _STEP_NAME.fullmatch(n))
+             and os.path.isdir(os.path.join(root, n))]
+    return sorted(found)
+
+
+def _read_latest(root: str) -> Optional[str]:
     try:
         with open(os.path.join(root, LATEST)) as f:
-            name = f.read().strip()
-    except FileNotFoundError:
+            return f.read().strip()
+    except (FileNotFoundError, UnicodeDecodeError):
         return None
-    path = os.path.join(root, name)
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The checkpoint `latest` names; when `latest` is missing or names no checkpoint folder,
+    the newest one; None when there is none. Not verified: what messages quote."""
+    steps = checkpoint_steps(root)
+    name = _read_latest(root)
+    if name not in {n for _, n in steps}:
+        name = steps[-1][1] if steps else None
+    return None if name is None else os.path.join(root, name)
+
+
+def resume_candidates(root: str) -> List[str]:
+    """What `--resume auto` tries, in order: the checkpoint `latest` names, then every older one,
+    newest first. When `latest` is missing or names no checkpoint, every checkpoint newest first
+    (said loudly). Ones newer than the one `latest` names are from a run that was resumed from an
+    earlier step: not candidates (said). Every rank gets rank 0's list."""
+    steps = checkpoint_steps(root)
+    name = _read_latest(root)
+    names = [n for _, n in reversed(steps)]
+    if steps and name not in names:
+        what = "is missing" if name is None else f"names {name!r}, which is not a checkpoint"
+        warn(f"{os.path.join(root, LATEST)} {what}: taking the newest intact checkpoint of "
+             f"{', '.join(names)}")
+    elif steps:
+        newer, names = names[:names.index(name)], names[names.index(name):]
+        if newer:
+            warn(f"{os.path.join(root, LATEST)} names {name}; not resuming from the newer "
+                 f"{', '.join(newer)} (left by a run that was later resumed from {name} or an "
+                 f"earlier step)")
+    paths = [os.path.join(root, n) for n in names]
+    if dist.is_initialized():
+        box = [paths]
+        dist.broadcast_object_list(box, src=0)
+        paths = box[0]
+    return paths
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+def verify_checkpoint(path: str) -> None:
+    """Collective. Raise CheckpointError (naming the folder and each bad file) unless `path` is a
+    checkpoint whose files match the digests written when it was saved; UnsafeCheckpointError for
+    a .metadata that would run code. A checkpoint saved before digests existed is loaded with a
+    warning."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    try:  # the refusal to unpickle code first: it does not depend on digests a forger can write
+        verify_checkpoint_metadata(path)
+        unreadable = None
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as e:
+        unreadable = e  # the digests name the damage better, when there are digests
+    if not verify_digests(path):
+        warn(f"{path} has no digests (saved before checkpoints carried them): loading it "
+             f"unverified")
+    if unreadable is not None:
+        raise unreadable
     if not os.path.exists(os.path.join(path, STATE_FILE)):
-        raise RuntimeError(f"{root}/{LATEST} names {name}, which is incomplete or missing")
-    return path
+        raise CheckpointError(f"{path}: no {STATE_FILE} (not a training checkpoint)")
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
-    """Collective. Loads into the current layout (any TP/PP layout it was saved with)."""
+    """Collective. Verifies `path`, then loads it into the current layout (any TP/PP layout it
+    was saved with); returns its train state. Anything wrong is a CheckpointError naming `path`,
+    raised on every rank."""
     from megatron.core import dist_checkpointing
 
-    verify_checkpoint_metadata(path)
-    with open(os.path.join(path, STATE_FILE)) as f:
-        train_state = json.load(f)
-    with_optimizer = train_state.pop("optimizer_state", True)
-    state = dist_checkpointing.load(_sharded_state(model, optimizer, True, with_optimizer), path)
-    unwrap_model(model).load_state_dict(state["model"])
-    if with_optimizer:
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(train_state.pop("scheduler"))
+    verify_checkpoint(path)
+    error = None
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            train_state = json.load(f)
+        with_optimizer = train_state.pop("optimizer_state", True)
+        state = dist_checkpointing.load(_sharded_state(model, optimizer, True, with_optimizer),
+                                        path)
+        unwrap_model(model).load_state_dict(state["model"])
+        if with_optimizer:
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(train_state.pop("scheduler"))
+    except _ERRORS as e:  # damaged files without digests, a model this checkpoint does not fit
+        error = f"{path} does not load: {_describe(e)}"
+    if dist.is_initialized():  # every rank moves on together
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, error)
+        error = next((e for e in everyone if e), None)
+    if error:
+        raise CheckpointError(error)
     return train_state
+
+
+def load_newest_intact(candidates: List[str], model, optimizer, scheduler,
+                       note: Callable[[str], None] = warn) -> Tuple[str, dict]:
+    """Collective. Load the first of `candidates` (newest first) that verifies and loads; each
+    one skipped is reported with its path and why. A CheckpointError listing them all when none
+    does: never a silent fresh start."""
+    rejected = []
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, model, optimizer, scheduler)
+        except CheckpointError as e:
+            rejected.append(str(e))
+            rest = candidates[len(rejected):]
+            note(f"checkpoint {path} is not usable: {e}"
+                 + (f"\n  trying the next older one, {rest[0]}" if rest else ""))
+    raise CheckpointError("no usable checkpoint:\n" + "\n".join(rejected))

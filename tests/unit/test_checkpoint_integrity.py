@@ -1,0 +1,192 @@
+"""Checkpoints are never lost and never load silently wrong (issue #20), in one process (a 1-rank
+process group): digests written at save and checked at load; a damaged checkpoint named with its
+file and the older intact one used instead; `latest` derived when missing."""
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from megatron_rl.checkpointing.checkpoint import (latest_checkpoint, load_checkpoint,
+                                                  load_newest_intact, resume_candidates,
+                                                  save_checkpoint)
+from megatron_rl.checkpointing.digests import MANIFEST, folder_files
+from megatron_rl.config import load_config
+from megatron_rl.errors import CheckpointError
+from megatron_rl.models.gpt import build_gpt_model
+from megatron_rl.parallel import state
+from megatron_rl.training.optimizer import build_lr_scheduler, build_optimizer, wrap_ddp
+
+warnings.filterwarnings("ignore")
+
+
+class Tiny:
+    """A tiny GPT, its optimizer and scheduler in a 1-rank process group, and helpers."""
+
+    def __init__(self):
+        self.cfg = load_config(None, ["model.vocab_size=40",
+                                      "model.make_vocab_size_divisible_by=8"], world_size=1)
+        state.initialize(self.cfg.parallel)
+        self.model = wrap_ddp(build_gpt_model(self.cfg.model, self.cfg.parallel))
+        self.optimizer = build_optimizer([self.model], self.cfg.training)
+        self.scheduler = build_lr_scheduler(self.optimizer, self.cfg.training)
+
+    def weights(self):
+        return [p.detach().clone() for p in self.model.parameters()]
+
+    def save(self, root, step, keep=2):
+        """Weights that differ per step, saved as checkpoint `step`; returns them."""
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(0.01 * step)
+        save_checkpoint(str(root), step, self.model, self.optimizer, self.scheduler,
+                        {"note": step}, keep=keep)
+        return self.weights()
+
+    def load(self, path):
+        return load_checkpoint(str(path), self.model, self.optimizer, self.scheduler)
+
+    def has(self, weights):
+        return all(torch.equal(a, b) for a, b in zip(weights, self.model.parameters()))
+
+
+@pytest.fixture
+def tiny():
+    yield Tiny()
+    state.destroy()
+
+
+def step_dir(root, step):
+    return root / f"step_{step:08d}"
+
+
+def test_every_file_gets_a_digest(tmp_path, tiny):
+    root = tmp_path / "ckpt"
+    tiny.save(root, 1)
+    folder = step_dir(root, 1)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["algorithm"] == "sha256"
+    files = manifest["files"]
+    assert sorted(files) == folder_files(str(folder))
+    assert {"train_state.json", ".metadata", "__0_0.distcp"} <= set(files)
+    for name, digest in files.items():
+        assert digest["bytes"] == os.path.getsize(folder / name)
+
+
+def flip_4k(path):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(b ^ 0xFF for b in data[middle:middle + 4096])
+    path.write_bytes(bytes(data))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def break_json(path):
+    path.write_text(path.read_text()[:-7])
+
+
+DAMAGE = {
+    "flipped 4 KB in __0_0.distcp": ("__0_0.distcp", flip_4k, "content differs"),
+    "truncated __0_0.distcp": ("__0_0.distcp", truncate, "truncated"),
+    "truncated .metadata": (".metadata", truncate, "truncated"),
+    "broken train_state.json": ("train_state.json", break_json, "truncated"),
+    "deleted .metadata": (".metadata", os.remove, "missing"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_a_damaged_checkpoint_is_named_and_the_older_one_used(tmp_path, tiny, capfd, damage):
+    """Before digests: flipped bytes loaded silently (a ruined model, exit 0); truncated files
+    raised a bare EOFError / UnpicklingError / JSONDecodeError with no path and no fallback."""
+    name, spoil, what = DAMAGE[damage]
+    root = tmp_path / "ckpt"
+    older = tiny.save(root, 1)
+    tiny.save(root, 2)
+    bad = step_dir(root, 2)
+    spoil(bad / name)
+    with pytest.raises(CheckpointError, match=f"{bad}/{name}: .*{what}"):
+        tiny.load(bad)
+
+    candidates = resume_candidates(str(root))
+    assert candidates == [str(bad), str(step_dir(root, 1))]
+    path, train_state = load_newest_intact(candidates, tiny.model, tiny.optimizer,
+                                           tiny.scheduler)
+    assert path == str(step_dir(root, 1)) and train_state["note"] == 1 and tiny.has(older)
+    err = capfd.readouterr().err
+    assert f"checkpoint {bad} is not usable" in err and f"{bad}/{name}" in err
+    assert f"trying the next older one, {step_dir(root, 1)}" in err
+
+
+def test_damage_without_digests_is_still_named(tmp_path, tiny, capfd):
+    """A checkpoint saved before digests existed loads with a warning; damage to it is still a
+    CheckpointError naming the folder and the file, not a bare EOFError or JSONDecodeError."""
+    root = tmp_path / "ckpt"
+    saved = tiny.save(root, 1)
+    folder = step_dir(root, 1)
+    os.remove(folder / MANIFEST)
+    tiny.load(folder)
+    assert tiny.has(saved)
+    assert f"{folder} has no digests" in capfd.readouterr().err
+    original = {n: (folder / n).read_bytes() for n in ("train_state.json", ".metadata",
+                                                       "__0_0.distcp")}
+    for name, spoil, match in (("train_state.json", break_json, "does not load: JSONDecodeError"),
+                               (".metadata", truncate, r"\.metadata: unreadable"),
+                               ("__0_0.distcp", truncate, "does not load")):
+        spoil(folder / name)
+        with pytest.raises(CheckpointError, match=f"{folder}.*{match}"):
+            tiny.load(folder)
+        (folder / name).write_bytes(original[name])
+
+
+def test_nothing_usable_is_an_error_not_a_fresh_start(tmp_path, tiny):
+    root = tmp_path / "ckpt"
+    tiny.save(root, 1)
+    tiny.save(root, 2)
+    for step in (1, 2):
+        flip_4k(step_dir(root, step) / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match="(?s)no usable checkpoint:.*step_00000002.*"
+                                              "step_00000001"):
+        load_newest_intact(resume_candidates(str(root)), tiny.model, tiny.optimizer,
+                           tiny.scheduler)
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_named(tmp_path, tiny):
+    """Intact files, the wrong model (a config changed between runs): an error naming the
+    checkpoint, raised (the caller does not start over)."""
+    root = tmp_path / "ckpt"
+    tiny.save(root, 1)
+    state.destroy()
+    other = Tiny.__new__(Tiny)
+    other.cfg = load_config(None, ["model.vocab_size=40", "model.make_vocab_size_divisible_by=8",
+                                   "model.hidden_size=32", "model.ffn_hidden_size=64"],
+                            world_size=1)
+    state.initialize(other.cfg.parallel)
+    other.model = wrap_ddp(build_gpt_model(other.cfg.model, other.cfg.parallel))
+    other.optimizer = build_optimizer([other.model], other.cfg.training)
+    other.scheduler = build_lr_scheduler(other.optimizer, other.cfg.training)
+    with pytest.raises(CheckpointError, match=f"{step_dir(root, 1)} does not load"):
+        other.load(step_dir(root, 1))
+
+
+def test_a_missing_latest_is_derived_from_the_checkpoints(tmp_path, tiny, capfd):
+    """Before: `latest` deleted, --resume auto started from step 0 without a word."""
+    root = tmp_path / "ckpt"
+    tiny.save(root, 1, keep=3)
+    tiny.save(root, 2, keep=3)
+    newest = tiny.save(root, 3, keep=3)
+    os.remove(root / "latest")
+    assert latest_checkpoint(str(root)) == str(step_dir(root, 3))
+    candidates = resume_candidates(str(root))
+    assert candidates == [str(step_dir(root, s)) for s in (3, 2, 1)]
+    assert f"{root}/latest is missing: taking the newest intact checkpoint" in \
+        capfd.readouterr().err
+    path, _ = load_newest_intact(candidates, tiny.model, tiny.optimizer, tiny.scheduler)
+    assert path == str(step_dir(root, 3)) and tiny.has(newest)
+    # a `latest` naming a folder that is gone is the same
+    (root / "latest").write_text("step_00000007")
+    assert resume_candidates(str(root))[0] == str(step_dir(root, 3))
+    assert "names 'step_00000007', which is not a checkpoint" in capfd.readouterr().err
