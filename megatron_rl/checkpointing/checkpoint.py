@@ -6,12 +6,13 @@ common.pt, metadata.json; train_state.json; digests.json, the SHA-256 and size o
 file) and ROOT/latest (the name of the newest complete one). A checkpoint is written to
 ROOT/.tmp_step_N, its digests last, and renamed into place after every rank has finished, and
 `latest` is replaced with os.replace, so a crash mid-write leaves the previous checkpoint as the
-one `--resume auto` finds.
+one `--resume auto` finds (and the next save clears the leftover folder).
 
 Reading one back checks its digests first (every rank a share of the files), then loads it; a
 checkpoint that fails either is a CheckpointError naming it and the file. `--resume auto` tries the
 checkpoint `latest` names, then the older ones, newest first, and says which it skipped and why;
-without `latest` it takes the newest intact one and says so.
+without `latest` it takes the newest intact one and says so. Pruning keeps the `keep` newest up to
+the one just written and never removes one newer than it or the one `latest` names.
 """
 import json
 import os
@@ -77,7 +78,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, train_sta
     tmp = os.path.join(root, _TMP_PREFIX + checkpoint_name(step))
     if _rank0():
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed attempt
+        _clear_leftovers(root)
         os.makedirs(tmp)
     dist.barrier()
     with_optimizer = optimizer_has_state(optimizer)
@@ -95,7 +96,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, train_sta
         with open(pointer, "w") as f:
             f.write(checkpoint_name(step))
         os.replace(pointer, os.path.join(root, LATEST))
-        _prune(root, keep)
+        _prune(root, keep, step)
     dist.barrier()
     return final
 
@@ -109,10 +110,28 @@ def _describe(error: BaseException) -> str:
     return type(error).__name__ + (f": {error}" if str(error) else "")
 
 
-def _prune(root: str, keep: int) -> None:
-    names = [name for _, name in checkpoint_steps(root)]
-    for name in names[:-keep]:
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+def _clear_leftovers(root: str) -> None:
+    """Rank 0, before a save: the temporary folders of saves that never finished (a kill -9
+    mid-save, a step never saved again). Only one job writes here (the output folder's lock)."""
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.startswith(_TMP_PREFIX) or name == f".{LATEST}.tmp":
+            warn(f"removing {path}, left by a save that did not finish")
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+
+
+def _prune(root: str, keep: int, written: int) -> None:
+    """Keep the checkpoint just written and the keep - 1 newest older ones; never remove one
+    newer than the one just written (a run resumed from an earlier step leaves the later ones
+    alone) or the one `latest` names."""
+    protected = {checkpoint_name(written), _read_latest(root)}
+    older = [name for step, name in checkpoint_steps(root) if step < written]
+    for name in older[:max(len(older) - (keep - 1), 0)]:
+        if name not in protected:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 # -- finding -----------------------------------------------------------------------------------

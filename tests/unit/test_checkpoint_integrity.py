@@ -1,6 +1,7 @@
 """Checkpoints are never lost and never load silently wrong (issue #20), in one process (a 1-rank
 process group): digests written at save and checked at load; a damaged checkpoint named with its
-file and the older intact one used instead; `latest` derived when missing."""
+file and the older intact one used instead; `latest` derived when missing; pruning that never
+removes a newer checkpoint; leftovers of unfinished saves cleared."""
 import json
 import os
 import warnings
@@ -190,3 +191,35 @@ def test_a_missing_latest_is_derived_from_the_checkpoints(tmp_path, tiny, capfd)
     (root / "latest").write_text("step_00000007")
     assert resume_candidates(str(root))[0] == str(step_dir(root, 3))
     assert "names 'step_00000007', which is not a checkpoint" in capfd.readouterr().err
+
+
+def test_pruning_never_removes_a_newer_checkpoint(tmp_path, tiny, capfd):
+    """Before: a run that went back to step 4 pruned its own step_5 the moment it was written
+    (pruning kept the highest names), leaving `latest` naming nothing."""
+    root = tmp_path / "ckpt"
+    for step in (9, 10, 11):
+        tiny.save(root, step)
+    assert sorted(os.listdir(root)) == ["latest", "step_00000010", "step_00000011"]
+    for step in (5, 6, 7):
+        tiny.save(root, step)
+        assert (root / "latest").read_text() == f"step_{step:08d}"
+        assert latest_checkpoint(str(root)) == str(step_dir(root, step))
+    assert sorted(os.listdir(root)) == ["latest", "step_00000006", "step_00000007",
+                                        "step_00000010", "step_00000011"]
+    # --resume auto follows `latest`, not the newer leftovers, and says so
+    assert resume_candidates(str(root)) == [str(step_dir(root, 7)), str(step_dir(root, 6))]
+    assert "not resuming from the newer step_00000011, step_00000010" in capfd.readouterr().err
+
+
+def test_leftovers_of_unfinished_saves_are_cleared(tmp_path, tiny, capfd):
+    """Before: a .tmp_step_N of a kill -9 mid-save stayed for good when step N was never saved
+    again."""
+    root = tmp_path / "ckpt"
+    tiny.save(root, 1)
+    (root / ".tmp_step_00000099").mkdir()
+    (root / ".tmp_step_00000099" / "__0_0.distcp").write_bytes(b"\0" * 100)
+    (root / ".latest.tmp").write_text("step_00000099")
+    tiny.save(root, 2)
+    assert sorted(os.listdir(root)) == ["latest", "step_00000001", "step_00000002"]
+    err = capfd.readouterr().err
+    assert f"removing {root}/.tmp_step_00000099, left by a save that did not finish" in err
