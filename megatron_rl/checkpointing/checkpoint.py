@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_rl.checkpointing.digests import verify_digests, write_digests
-from megatron_rl.checkpointing.model import UnsafeCheckpointError, verify_checkpoint_metadata
+from megatron_rl.checkpointing.model import (UnsafeCheckpointError, verify_checkpoint_metadata,
+                                             write_in_this_process)
 from megatron_rl.errors import CheckpointError
 from megatron_rl.files import publish_folder
 from megatron_rl.models.unwrap import unwrap_model
@@ -82,6 +83,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, train_sta
         os.makedirs(tmp)
     dist.barrier()
     with_optimizer = optimizer_has_state(optimizer)
+    write_in_this_process()
     dist_checkpointing.save(_sharded_state(model, optimizer, False, with_optimizer), tmp)
     dist.barrier()
     if _rank0():

@@ -14,6 +14,21 @@ class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
     """A checkpoint's .metadata names code that unpickling it would run."""
 
 
+def write_in_this_process() -> None:
+    """Make megatron's torch_dist save start no helper process. Its writer hands the write
+    results back through a queue it makes with multiprocessing's spawn Manager: a server process
+    (~280 MB) started at the first save, kept for the life of the job, and left running as an
+    orphan when the job is killed (nothing tells it its parent died). Saves here are synchronous
+    (the writes run in this process, megatron's AsyncRequest.execute_sync), so a plain queue
+    carries the results as well; set before megatron makes its own, it is the one used."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not isinstance(getattr(filesystem_async, "_results_queue", None), queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_model(model, directory: str) -> None:
     """Collective: every rank of the job calls it. `directory` must not exist or be empty."""
     from megatron.core import dist_checkpointing
@@ -21,6 +36,7 @@ def save_model(model, directory: str) -> None:
     if dist.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
     dist.barrier()
+    write_in_this_process()
     dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), directory)
 
 

@@ -1,11 +1,12 @@
 """Checkpoints are never lost and never load silently wrong (issue #20), in one process (a 1-rank
 process group): digests written at save and checked at load; a damaged checkpoint named with its
 file and the older intact one used instead; `latest` derived when missing; pruning that never
-removes a newer checkpoint; leftovers of unfinished saves cleared."""
+removes a newer checkpoint; leftovers of unfinished saves cleared; no writer helper process."""
 import json
 import os
 import warnings
 
+import psutil
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from megatron_rl.checkpointing.checkpoint import (latest_checkpoint, load_checkp
                                                   load_newest_intact, resume_candidates,
                                                   save_checkpoint)
 from megatron_rl.checkpointing.digests import MANIFEST, folder_files
+from megatron_rl.checkpointing.model import load_model
 from megatron_rl.config import load_config
 from megatron_rl.errors import CheckpointError
 from megatron_rl.models.gpt import build_gpt_model
@@ -223,3 +225,18 @@ def test_leftovers_of_unfinished_saves_are_cleared(tmp_path, tiny, capfd):
     assert sorted(os.listdir(root)) == ["latest", "step_00000001", "step_00000002"]
     err = capfd.readouterr().err
     assert f"removing {root}/.tmp_step_00000099, left by a save that did not finish" in err
+
+
+def test_saving_starts_no_helper_process(tmp_path, tiny, monkeypatch):
+    """Before: the first save started multiprocessing's spawn Manager (megatron's write-results
+    queue), a ~280 MB process left running as an orphan by every kill -9."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)  # as in a fresh process
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    tiny.save(tmp_path / "ckpt", 1)
+    tiny.load(step_dir(tmp_path / "ckpt", 1))
+    load_model(tiny.model, str(step_dir(tmp_path / "ckpt", 1)))
+    started = [p.cmdline() for p in me.children(recursive=True) if p.pid not in before]
+    assert started == []
