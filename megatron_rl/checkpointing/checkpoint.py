@@ -14,7 +14,9 @@ checkpoint `latest` names, then the older ones, newest first, and says which it 
 without `latest` it takes the newest intact one and says so. Pruning keeps the `keep` newest up to
 the one just written and never removes one newer than it or the one `latest` names.
 """
+import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -72,7 +74,9 @@ def _sharded_state(model, optimizer, is_loading: bool, with_optimizer: bool):
 
 def save_checkpoint(root: str, step: int, model, optimizer, scheduler, train_state: dict,
                     keep: int = 2) -> str:
-    """Collective. Returns the checkpoint's folder."""
+    """Collective. Returns the checkpoint's folder. A full disk is a CheckpointError saying so,
+    with the folder, the bytes a checkpoint takes and the bytes free; the previous checkpoint
+    stays `latest`."""
     from megatron.core import dist_checkpointing
 
     final = os.path.join(root, checkpoint_name(step))
@@ -83,24 +87,53 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, train_sta
         os.makedirs(tmp)
     dist.barrier()
     with_optimizer = optimizer_has_state(optimizer)
-    write_in_this_process()
-    dist_checkpointing.save(_sharded_state(model, optimizer, False, with_optimizer), tmp)
-    dist.barrier()
-    if _rank0():
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(dict(train_state, step=step, scheduler=scheduler.state_dict(),
-                           optimizer_state=with_optimizer), f)
-    dist.barrier()
-    write_digests(tmp)
-    if _rank0():
-        publish_folder(tmp, final)
-        pointer = os.path.join(root, f".{LATEST}.tmp")
-        with open(pointer, "w") as f:
-            f.write(checkpoint_name(step))
-        os.replace(pointer, os.path.join(root, LATEST))
-        _prune(root, keep, step)
+    state = _sharded_state(model, optimizer, False, with_optimizer)
+    worker_errors = _WorkerErrors()
+    try:
+        write_in_this_process()
+        with worker_errors:
+            dist_checkpointing.save(state, tmp)
+        dist.barrier()
+        if _rank0():
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(dict(train_state, step=step, scheduler=scheduler.state_dict(),
+                               optimizer_state=with_optimizer), f)
+        dist.barrier()
+        write_digests(tmp)
+        if _rank0():
+            publish_folder(tmp, final)
+            pointer = os.path.join(root, f".{LATEST}.tmp")
+            with open(pointer, "w") as f:
+                f.write(checkpoint_name(step))
+            os.replace(pointer, os.path.join(root, LATEST))
+            _prune(root, keep, step)
+    except _ERRORS as e:
+        causes, needed = worker_errors.messages + _chain(e), _checkpoint_bytes(root, state)
+        if not _disk_full(causes, root, needed):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # give back what the partial write took
+        raise CheckpointError(_disk_full_message(root, step, needed, causes)) from e
     dist.barrier()
     return final
+
+
+class _WorkerErrors(logging.Handler):
+    """megatron's writer logs a write error's text (errno included) and raises only "Worker
+    failure ... <class 'OSError'>"; this keeps the logged text for the error message."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages: List[str] = []
+        self._logger = logging.getLogger("megatron.core.dist_checkpointing")
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        self._logger.addHandler(self)
+
+    def __exit__(self, *exc):
+        self._logger.removeHandler(self)
 
 
 def _describe(error: BaseException) -> str:
@@ -110,6 +143,66 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, CheckpointException) and isinstance(failures, dict):
         return "; ".join(f"rank {rank}: {_describe(exc)}" for rank, (exc, _) in failures.items())
     return type(error).__name__ + (f": {error}" if str(error) else "")
+
+
+def _chain(error: BaseException) -> List[str]:
+    texts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = _describe(error)
+        if (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+                and os.strerror(error.errno) not in text):
+            text += f" [{os.strerror(error.errno)}]"
+        texts.append(text)
+        error = error.__cause__ or error.__context__
+    return texts
+
+
+_FULL_DISK_TEXTS = ("No space left on device", "Disk quota exceeded", "[Errno 28]", "[Errno 122]",
+                    # torch.save's zip writer when a write comes up short
+                    "unexpected pos")
+
+
+def _disk_full(causes: List[str], root: str, needed: int) -> bool:
+    if any(text in cause for cause in causes for text in _FULL_DISK_TEXTS):
+        return True
+    try:
+        return shutil.disk_usage(root).free < needed
+    except OSError:
+        return False
+
+
+def _disk_full_message(root: str, step: int, needed: int, causes: List[str]) -> str:
+    try:
+        free = f"{shutil.disk_usage(root).free:,} bytes are free there"
+    except OSError:
+        free = "the free space there is unknown"
+    previous = latest_checkpoint(root)
+    cause = next((c for c in causes if any(t in c for t in _FULL_DISK_TEXTS)),
+                 causes[0] if causes else "unknown")
+    return (f"no space left on device: writing checkpoint {checkpoint_name(step)} to {root} "
+            f"failed; a checkpoint takes about {needed:,} bytes and {free}. "
+            + (f"The previous checkpoint {previous} stays latest. " if previous else "")
+            + f"(cause: {cause})")
+
+
+def _folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, n)) for r, _, files in os.walk(folder)
+               for n in files)
+
+
+def _checkpoint_bytes(root: str, state) -> int:
+    """About what one checkpoint takes: the newest one on disk, else this rank's tensors times
+    the ranks."""
+    steps = checkpoint_steps(root)
+    if steps:
+        return _folder_bytes(os.path.join(root, steps[-1][1]))
+    import torch
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    local = sum(v.data.numel() * v.data.element_size() for v in nested_values(state)
+                if torch.is_tensor(getattr(v, "data", None)))
+    return local * (dist.get_world_size() if dist.is_initialized() else 1)
 
 
 def _clear_leftovers(root: str) -> None:

@@ -1,7 +1,9 @@
 """Checkpoints are never lost and never load silently wrong (issue #20), in one process (a 1-rank
 process group): digests written at save and checked at load; a damaged checkpoint named with its
 file and the older intact one used instead; `latest` derived when missing; pruning that never
-removes a newer checkpoint; leftovers of unfinished saves cleared; no writer helper process."""
+removes a newer checkpoint; leftovers of unfinished saves cleared; no writer helper process; a
+full disk said as such."""
+import errno
 import json
 import os
 import warnings
@@ -240,3 +242,66 @@ def test_saving_starts_no_helper_process(tmp_path, tiny, monkeypatch):
     load_model(tiny.model, str(step_dir(tmp_path / "ckpt", 1)))
     started = [p.cmdline() for p in me.children(recursive=True) if p.pid not in before]
     assert started == []
+
+
+def test_a_full_disk_is_said_as_such(tmp_path, tiny, monkeypatch):
+    """Before: "[enforce fail at inline_container.cc:672] unexpected pos 704 vs 598" (or
+    megatron's "Worker failure ... <class 'OSError'>"), never "no space left on device"."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    root = tmp_path / "ckpt"
+    tiny.save(root, 1)
+    size = sum(os.path.getsize(step_dir(root, 1) / n) for n in os.listdir(step_dir(root, 1)))
+
+    def expect_disk_full():
+        with pytest.raises(CheckpointError) as info:
+            tiny.save(root, 2)
+        message = str(info.value)
+        assert message.startswith(f"no space left on device: writing checkpoint step_00000002 "
+                                  f"to {root} failed; a checkpoint takes about {size:,} bytes")
+        assert f"The previous checkpoint {step_dir(root, 1)} stays latest" in message
+        assert sorted(os.listdir(root)) == ["latest", "step_00000001"]  # partial write removed
+        assert (root / "latest").read_text() == "step_00000001"
+        return message
+
+    # a real ENOSPC from the kernel, through megatron's writer: its data file is /dev/full
+    prepare = filesystem_async.FileSystemWriterAsync.prepare_write_data
+
+    def onto_dev_full(self, plan, planner):
+        prepare(self, plan, planner)
+        for path, _, _ in self.write_buckets:
+            os.symlink("/dev/full", path)
+
+    with monkeypatch.context() as m:
+        m.setattr(filesystem_async.FileSystemWriterAsync, "prepare_write_data", onto_dev_full)
+        assert "No space left on device" in expect_disk_full()
+
+    # the zip writer's short write, as torch.save reports it
+    def short_write(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 704 vs 598")
+
+    with monkeypatch.context() as m:
+        m.setattr(dist_checkpointing, "save", short_write)
+        assert "unexpected pos 704 vs 598" in expect_disk_full()
+
+    # ENOSPC on a file the trainer writes itself (train_state.json)
+    real_open = open
+
+    def full_open(path, mode="r", *args, **kwargs):
+        if str(path).endswith("train_state.json") and "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr("builtins.open", full_open)
+        assert "[Errno 28] No space left on device: '" in expect_disk_full()
+
+    # an error that is not a full disk stays what it is
+    def other(*args, **kwargs):
+        raise ValueError("something else")
+
+    with monkeypatch.context() as m:
+        m.setattr(dist_checkpointing, "save", other)
+        with pytest.raises(ValueError, match="something else"):
+            tiny.save(root, 2)
