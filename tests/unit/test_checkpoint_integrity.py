@@ -305,3 +305,39 @@ def test_a_full_disk_is_said_as_such(tmp_path, tiny, monkeypatch):
         m.setattr(dist_checkpointing, "save", other)
         with pytest.raises(ValueError, match="something else"):
             tiny.save(root, 2)
+
+
+def test_the_trainer_resumes_from_the_newest_intact_checkpoint(tmp_path, capfd):
+    """RLTrainer(resume="auto") with `latest` deleted and the newest checkpoint damaged: it
+    resumes from the older one and says why, instead of starting from step 0."""
+    from megatron_rl.training.trainer import RLTrainer
+
+    cfg = load_config("tests/configs/tiny_addition.yaml", [
+        "training.sft_steps=0", "training.steps=2", "training.eval_interval=0",
+        "training.probe_interval=0", "rollout.prompts_per_step=4", "algorithm.n=4",
+        f"training.output_dir={tmp_path / 'run'}", f"training.cache_dir={tmp_path / 'cache'}"],
+        world_size=1, on_this_host=True)
+    trainer = RLTrainer(cfg)
+    try:
+        for step in (1, 2):
+            trainer.train_step(step)
+            trainer.save()
+            if step == 1:
+                saved = [p.detach().clone() for p in trainer.model.parameters()]
+    finally:
+        trainer.close()
+    root = tmp_path / "run" / "checkpoints"
+    os.remove(root / "latest")
+    flip_4k(step_dir(root, 2) / "__0_0.distcp")
+    resumed = RLTrainer(cfg, resume="auto")
+    try:
+        assert resumed.step == resumed.start_step == 1
+        assert all(torch.equal(a, b) for a, b in zip(saved, resumed.model.parameters()))
+    finally:
+        resumed.close()
+    err = capfd.readouterr().err
+    assert f"{root}/latest is missing" in err and f"checkpoint {step_dir(root, 2)} is not " \
+                                                  f"usable" in err
+    os.remove(step_dir(root, 1) / "__0_0.distcp")  # nothing usable: an error, not step 0
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        RLTrainer(cfg, resume="auto")
