@@ -14,11 +14,17 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML job config (examples/*.yaml)")
     parser.add_argument("--resume", default="none",
-                        help="'auto': continue from the newest checkpoint in "
+                        help="'auto': continue from the newest intact checkpoint in "
                              "training.output_dir/checkpoints if there is one; 'none'; or a path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output_dir that holds an earlier run: removes its "
+                             "checkpoints/, metrics.jsonl and tensorboard/ (each named) first")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     # intermixed: overrides may come before and after --resume / --config
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.overwrite and args.resume != "none":
+        parser.error("--overwrite starts the run over; it cannot be combined with --resume")
+    return args
 
 
 def main(argv=None) -> int:
@@ -36,13 +42,30 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from megatron_rl.training.trainer import RLTrainer
+    from megatron_rl.checkpointing.output_dir import claim_output_dir
+    from megatron_rl.errors import CheckpointError, OutputDirError
 
-    trainer = RLTrainer(cfg, resume=args.resume)
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0:  # the job's claim on its output folder: rank 0's
+        try:  # before anything heavy: a busy folder or an earlier run there ends the launch here
+            lock = claim_output_dir(cfg.training.output_dir, args.resume, args.overwrite)
+        except OutputDirError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
-        trainer.fit()
+        from megatron_rl.training.trainer import RLTrainer
+
+        trainer = RLTrainer(cfg, resume=args.resume)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    except CheckpointError as e:  # named folder and file, said once; no traceback needed
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 1
     finally:
-        trainer.close()
+        if lock is not None:
+            lock.release()
     return 0
 
 

@@ -1,10 +1,32 @@
 """Model weights through megatron-core dist_checkpointing: saved in one TP/PP layout, loadable
 into any other (the checkpoint stores global tensors split into shards, not per-rank files)."""
 import os
+import pickle
 
 import torch.distributed as dist
 
+from megatron_rl.checkpointing.digests import verify_digests
+from megatron_rl.errors import CheckpointError
 from megatron_rl.models.unwrap import unwrap_model
+
+
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """A checkpoint's .metadata names code that unpickling it would run."""
+
+
+def write_in_this_process() -> None:
+    """Make megatron's torch_dist save start no helper process. Its writer hands the write
+    results back through a queue it makes with multiprocessing's spawn Manager: a server process
+    (~280 MB) started at the first save, kept for the life of the job, and left running as an
+    orphan when the job is killed (nothing tells it its parent died). Saves here are synchronous
+    (the writes run in this process, megatron's AsyncRequest.execute_sync), so a plain queue
+    carries the results as well; set before megatron makes its own, it is the one used."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not isinstance(getattr(filesystem_async, "_results_queue", None), queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
 
 
 def save_model(model, directory: str) -> None:
@@ -14,6 +36,7 @@ def save_model(model, directory: str) -> None:
     if dist.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
     dist.barrier()
+    write_in_this_process()
     dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), directory)
 
 
@@ -30,9 +53,8 @@ _METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
 def verify_checkpoint_metadata(directory: str) -> None:
     """Refuse a checkpoint whose .metadata would run code when unpickled: torch reads that file
     with pickle.load, so a tampered checkpoint could execute anything (the tensors and megatron's
-    common state are read weights-only). Reads it once with a restricted unpickler first."""
-    import pickle
-
+    common state are read weights-only). Reads it once with a restricted unpickler first. A
+    .metadata that is unreadable (truncated, garbage) is a CheckpointError naming it."""
     import torch
 
     class Restricted(pickle.Unpickler):
@@ -41,15 +63,20 @@ def verify_checkpoint_metadata(directory: str) -> None:
                        or (module == "torch" and isinstance(getattr(torch, name, None),
                                                             torch.dtype)))
             if not allowed:
-                raise pickle.UnpicklingError(
+                raise UnsafeCheckpointError(
                     f"{path}: refers to {module}.{name}, which a checkpoint's metadata never "
                     f"needs; not loading it (a tampered checkpoint would run code here)")
             return super().find_class(module, name)
 
     path = os.path.join(directory, ".metadata")
     if os.path.exists(path):
-        with open(path, "rb") as f:
-            Restricted(f).load()
+        try:
+            with open(path, "rb") as f:
+                Restricted(f).load()
+        except UnsafeCheckpointError:
+            raise
+        except Exception as e:  # EOFError, UnpicklingError, ValueError, ... of a damaged file
+            raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
 
 
 def load_model(model, directory: str, strict: bool = True) -> None:
@@ -60,6 +87,7 @@ def load_model(model, directory: str, strict: bool = True) -> None:
     if not dist_checkpointing.check_is_distributed_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not a megatron distributed checkpoint")
     verify_checkpoint_metadata(directory)
+    verify_digests(directory)  # a training checkpoint's (model checkpoints have none)
     inner = unwrap_model(model)
     if os.path.exists(os.path.join(directory, "train_state.json")):
         # A training checkpoint (checkpointing.checkpoint) nests the model under "model" next

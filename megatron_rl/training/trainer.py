@@ -75,7 +75,7 @@ class RLTrainer:
     def _build(self, resume: str) -> None:
         from tqdm import tqdm
 
-        from megatron_rl.checkpointing.checkpoint import latest_checkpoint
+        from megatron_rl.checkpointing.checkpoint import resume_candidates
         from megatron_rl.config import to_dict
         from megatron_rl.console import setup_logging
         from megatron_rl.data.task import build_task
@@ -111,8 +111,9 @@ class RLTrainer:
 
         self.model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel),
                               t.use_distributed_optimizer)
-        resume_from = latest_checkpoint(self.ckpt_root) if resume == "auto" else (
-            None if resume == "none" else resume)
+        # "auto": the checkpoint `latest` names, then the older ones (the first intact one loads)
+        resume_from = (resume_candidates(self.ckpt_root) or None) if resume == "auto" else (
+            None if resume == "none" else [resume])
         # The reference policy of the KL term (algorithm.kl_ref_coef) is the initial policy. On
         # resume the initial weights are rebuilt the same way (the fresh init of the same seed,
         # the init checkpoint, the cached warm start) and copied before the checkpoint replaces
@@ -482,12 +483,14 @@ class RLTrainer:
         return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer,
                                self.scheduler, self.state_dict(), keep=keep)
 
-    def load(self, path: str) -> int:
-        """Model, optimizer, scheduler and trainer state from a checkpoint; returns the weight
-        version the engine starts at."""
-        from megatron_rl.checkpointing.checkpoint import load_checkpoint
+    def load(self, candidates: List[str]) -> int:
+        """Model, optimizer, scheduler and trainer state from the first of `candidates` (newest
+        first) that verifies and loads; each one skipped is reported, and none loading is a
+        CheckpointError. Returns the weight version the engine starts at."""
+        from megatron_rl.checkpointing.checkpoint import load_newest_intact
 
-        train_state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        path, train_state = load_newest_intact(candidates, self.model, self.optimizer,
+                                               self.scheduler)
         self.step = train_state["step"]
         self.law_points = [tuple(p) for p in train_state.get("law_points", [])]
         logger.info(f"resumed from {path} at step {self.step}")

@@ -200,3 +200,78 @@ def test_dead_rank_fails_fast_and_the_job_resumes(tmp_path):
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step + 1
+
+
+def tiny_job(out, tmp_path, *extra):
+    return [sys.executable, "-m", "megatron_rl.train", "--config",
+            "tests/configs/tiny_addition.yaml", f"training.output_dir={out}",
+            f"training.cache_dir={tmp_path / 'cache'}", "training.sft_steps=0",
+            "training.eval_interval=0", "training.probe_interval=0",
+            "rollout.prompts_per_step=4", "algorithm.n=4", *extra]
+
+
+def test_fresh_run_into_an_earlier_run_exits_2_and_overwrite_starts_over(tmp_path):
+    """Before: the fresh run's step_00000005 was pruned as soon as it was written (the earlier
+    run's step_00000010 was higher), latest named nothing and metrics.jsonl got a second series.
+    Now: a one-line error and exit 2 before anything heavy; --overwrite removes the earlier run,
+    naming each path, and starts over."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step_00000010")
+    (out / "metrics.jsonl").write_text('{"step": 10}\n')
+    refused = subprocess.run(tiny_job(out, tmp_path, "training.steps=1"), cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.splitlines() == [
+        f"error: {out} already holds a run (checkpoint step_00000010, 1 records in "
+        f"metrics.jsonl): continue it with --resume auto, or start over with --overwrite "
+        f"(removes its checkpoints, metrics.jsonl, tensorboard)"]
+    assert sorted(os.listdir(out)) == ["checkpoints", "metrics.jsonl"]  # untouched
+    started = subprocess.run(tiny_job(out, tmp_path, "--overwrite", "training.steps=1"),
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr[-3000:]
+    assert f"--overwrite: removed {out / 'checkpoints'}" in started.stderr
+    assert f"--overwrite: removed {out / 'metrics.jsonl'}" in started.stderr
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()] == [1]
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000001"]
+    assert not (out / "job.lock").exists()  # released at exit
+
+
+def test_second_job_is_refused_and_kill_9_leaves_nothing_running(tmp_path):
+    """Two jobs on one output_dir: the second exits 2 naming the first. kill -9 of the first
+    leaves no process it started running (before: megatron's checkpoint-writer helper, ~280 MB,
+    stayed under PID 1 for good); the next --resume auto takes over its stale lock, clears a
+    leftover temporary folder and continues."""
+    import psutil
+
+    out = tmp_path / "run"
+    args = tiny_job(out, tmp_path, "training.checkpoint_interval=1")
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(args + ["training.steps=500"], cwd=ROOT, stdout=log,
+                             stderr=subprocess.STDOUT)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None and not latest.exists():
+        time.sleep(0.2)
+    assert latest.exists(), (tmp_path / "first.log").read_text()[-3000:]
+
+    second = subprocess.run(args + ["--resume", "auto", "training.steps=2"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"is in use by another job (pid {first.pid} on" in second.stderr
+
+    started = psutil.Process(first.pid).children(recursive=True)
+    first.kill()
+    first.wait(timeout=60)
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert alive == [], [p.cmdline() for p in alive]
+
+    step = int(latest.read_text().split("_")[1])
+    (out / "checkpoints" / ".tmp_step_99999999").mkdir()
+    resumed = subprocess.run(args + ["--resume", "auto", f"training.steps={step + 1}"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"taking over the lock of pid {first.pid}" in resumed.stderr
+    assert ".tmp_step_99999999" not in os.listdir(out / "checkpoints")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert records[-1]["step"] == step + 1
