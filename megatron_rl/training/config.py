@@ -5,11 +5,15 @@ from typing import Literal, Optional
 
 @dataclass
 class TrainingConfig:
-    steps: int = 20
+    steps: int = 20  # RL steps (rollout + training.mini_batches x ppo_epochs optimizer steps)
     micro_batch_size: int = 4
     seq_length: int = 32
     lr: float = 1e-3
     min_lr: float = 0.0
+    # The LR schedule runs over optimizer steps (training/optimizer.py build_lr_scheduler):
+    # the warmup, counted in RL steps like training.steps, rises from 0 to lr over
+    # lr_warmup_steps x mini_batches x ppo_epochs optimizer steps; linear/cosine then decay
+    # to min_lr, reached at the last optimizer step of the last RL step.
     lr_warmup_steps: int = 0
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
     weight_decay: float = 0.0
