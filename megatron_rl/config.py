@@ -208,7 +208,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+            raise ConfigError(f"override {dotted}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -219,14 +219,14 @@ def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
     tree: Dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
+            raise ConfigError(f"override {item}: expected key.sub=value")
         dotted, raw = item.split("=", 1)
         if not dotted:
-            raise ConfigError(f"override {item!r}: empty key")
+            raise ConfigError(f"override {item}: empty key")
         try:
             value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+            raise ConfigError(f"override {item}: value is not valid YAML ({e})") from e
         _set_dotted(tree, dotted, value)
     return tree
 
@@ -238,10 +238,20 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _build(cls, data: dict, world_size: Optional[int], on_this_host: bool):
+    cfg = from_dict(cls, data)
+    if world_size is not None:
+        cfg.validate(world_size, on_this_host=on_this_host)
+    return cfg
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
                 world_size: Optional[int] = None, cls=JobConfig, on_this_host: bool = False):
     """Load `path` (YAML), apply overrides, build the dataclass and, given the world size,
-    validate it (JobConfig.validate; on_this_host adds the checks that read this host)."""
+    validate it (JobConfig.validate; on_this_host adds the checks that read this host).
+
+    An error is the file's (`{path}: ...`) when the file alone has it; otherwise it is the
+    override after which it first appears (`override key=value: ...`)."""
     data: Dict[str, Any] = {}
     if path is not None:
         try:
@@ -253,14 +263,25 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
             raise ConfigError(f"config file {path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping")
-    data = _merge(data, parse_overrides(overrides))
+    merged = _merge(data, parse_overrides(overrides))
     try:
-        cfg = from_dict(cls, data)
-        if world_size is not None:
-            cfg.validate(world_size, on_this_host=on_this_host)
+        return _build(cls, merged, world_size, on_this_host)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-    return cfg
+        error = str(e)
+    # Replay the overrides one at a time from the file alone: the first source with this very
+    # error is the one to blame (a file error an override fixes was never raised).
+    for count in range(len(overrides) + 1):
+        try:
+            _build(cls, _merge(data, parse_overrides(overrides[:count])), world_size,
+                   on_this_host)
+        except Exception as e:  # a prefix may fail in other ways too: only a match counts
+            if isinstance(e, ConfigError) and str(e) == error:
+                break
+    else:  # not reproduced source by source: blame no single one
+        count = None
+    if count:
+        raise ConfigError(f"override {overrides[count - 1]}: {error}") from None
+    raise ConfigError(f"{path}: {error}" if path and count == 0 else error) from None
 
 
 def to_dict(cfg) -> Dict[str, Any]:

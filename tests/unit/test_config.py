@@ -73,6 +73,30 @@ def test_file_errors_name_the_file(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
 
 
+def test_override_errors_name_the_override_and_file_errors_the_file(tmp_path):
+    good = write(tmp_path, "training:\n  lr: 1e-3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(good, ["model.num_layers=4", "training.lr=abc"])
+    assert str(e.value) == ("override training.lr=abc: training.lr: expected a float, "
+                            "got str 'abc'")
+    with pytest.raises(ConfigError, match=r"^override training.stepz=3: unknown config key"):
+        load_config(good, ["training.stepz=3"])
+    # the error comes with the override that makes the config impossible
+    with pytest.raises(ConfigError, match=r"^override parallel.tensor_model_parallel_size=8: "
+                                          r"model.num_attention_heads=4 is not divisible"):
+        load_config(good, ["model.num_attention_heads=4",
+                           "parallel.tensor_model_parallel_size=8"], world_size=8)
+    # a bad value in the file stays the file's, whatever the overrides
+    bad = write(tmp_path, "training:\n  lr: abc\n")
+    with pytest.raises(ConfigError, match=r"^\S*job.yaml: training.lr: expected a float"):
+        load_config(bad, ["model.num_layers=4"])
+    # ... unless an override replaces it
+    assert load_config(bad, ["training.lr=2e-3"]).training.lr == 2e-3
+    # no file: the override still says it is one
+    with pytest.raises(ConfigError, match=r"^override model.num_layers=-1: model: "):
+        load_config(None, ["model.num_layers=-1"])
+
+
 def test_override_syntax():
     assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=null"]) == {"a": {"b": 1, "c": [1, 2]},
                                                                   "d": None}
