@@ -7,6 +7,7 @@ its dotted path (`model.hidden_size`) and, for files, the file.
 """
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -55,7 +56,8 @@ class JobConfig:
 
     def validate(self, world_size: int, on_this_host: bool = False) -> None:
         """Cross-component checks that need the world size (layout vs model shape, batch
-        splits, the built-in tasks' vocabulary). on_this_host: also the checks that read this
+        splits, prompt + response vs the model's positions, the built-in tasks' vocabulary).
+        on_this_host: also the checks that read this
         host (the tokenizer files' vocabulary, TransformerEngine for sequence parallelism);
         the entry points ask for them so every config error comes before any process group."""
         p, m = self.parallel, self.model
@@ -88,9 +90,21 @@ class JobConfig:
         if p.sequence_parallel and p.tensor_model_parallel_size == 1:
             raise ConfigError("parallel.sequence_parallel=true needs "
                               "parallel.tensor_model_parallel_size > 1")
-        if self.data.task != "dataset" or on_this_host:
-            from megatron_rl.data.task import task_vocab_size
+        if self.training.sft_steps and self.training.sft_batch_size % dp:
+            raise ConfigError(f"training.sft_batch_size={self.training.sft_batch_size} is not "
+                              f"divisible by the data parallel size {dp}")
+        from megatron_rl.data.task import longest_prompt_tokens, task_vocab_size
 
+        longest = longest_prompt_tokens(self.data)
+        total = longest + self.rollout.max_new_tokens
+        if total > m.max_position_embeddings:
+            which = ("at least one prompt token" if self.data.task == "dataset" else
+                     f"the longest data.task={self.data.task} prompt")
+            raise ConfigError(
+                f"rollout.max_new_tokens={self.rollout.max_new_tokens} + {longest} ({which}) "
+                f"= {total} positions, over model.max_position_embeddings="
+                f"{m.max_position_embeddings}")
+        if self.data.task != "dataset" or on_this_host:
             vocab = task_vocab_size(self.data)
             if m.vocab_size < vocab:
                 raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the "
@@ -157,7 +171,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a float, got {type(value).__name__} {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float range
+            value = math.inf
+        if not math.isfinite(value):  # YAML's .nan / .inf: no field means anything by them
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
+        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an int, got {type(value).__name__} {value!r}")

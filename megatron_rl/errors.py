@@ -8,3 +8,30 @@ class ConfigError(ValueError):
 
 class EngineError(RuntimeError):
     """A rollout server did not start, died, or stopped answering."""
+
+
+def check_range(section: str, config, name: str, low=None, high=None, *, low_open=False,
+                high_open=False, null: str = "") -> None:
+    """Raise ValueError naming `section.name` unless the field's value lies in the interval
+    low..high (closed ends unless low_open / high_open; None: unbounded). null: what None
+    means, for a field that may be null. The config loader turns the ValueError of a
+    dataclass's __post_init__ into a ConfigError."""
+    value = getattr(config, name)
+    if value is None and null:
+        return
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or (value < high if high_open else value <= high)
+    if above and below:
+        return
+    if high is None:
+        requirement = f"{'>' if low_open else '>='} {low}"
+    elif low is None:
+        requirement = f"{'<' if high_open else '<='} {high}"
+    else:
+        requirement = (f"in {'(' if low_open else '['}{low}, {high}"
+                       f"{')' if high_open else ']'}")
+    shown = f" (or null: {null})" if null else ""
+    raise ValueError(f"{section}.{name} must be {requirement}{shown}, got {value}")
+
+
+SEED_RANGE = dict(low=0, high=2 ** 32, high_open=True)  # what every seed consumer accepts

@@ -2,6 +2,8 @@
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from megatron_rl.errors import check_range
+
 
 @dataclass
 class RewardConfig:
@@ -13,8 +15,9 @@ class RewardConfig:
     allowed_modules: List[str] = field(default_factory=list)
     workers: int = 2
     timeout_s: float = 10.0
-    memory_limit_mb: Optional[int] = 2048
+    memory_limit_mb: Optional[int] = 2048  # per worker; null: no limit
 
     def __post_init__(self):
-        if self.workers < 1 or self.timeout_s <= 0:
-            raise ValueError("reward.workers must be >= 1 and reward.timeout_s > 0")
+        check_range("reward", self, "workers", 1)
+        check_range("reward", self, "timeout_s", 0, low_open=True)
+        check_range("reward", self, "memory_limit_mb", 1, null="no limit")
