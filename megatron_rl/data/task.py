@@ -86,7 +86,11 @@ def build_task(cfg) -> Task:
     dataset = load_prompt_dataset(d.path, tokenizer, prompt_key=d.prompt_key,
                                   answer_key=d.answer_key, max_prompt_tokens=d.max_prompt_tokens,
                                   on_invalid=d.on_invalid,
-                                  apply_chat_template=d.apply_chat_template)
+                                  apply_chat_template=d.apply_chat_template,
+                                  # a prompt the model has no room to answer fails here,
+                                  # not when a step draws it
+                                  max_positions=cfg.model.max_position_embeddings,
+                                  max_new_tokens=cfg.rollout.max_new_tokens)
     return Task(
         vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id,
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
