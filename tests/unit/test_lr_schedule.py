@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_rl.compat import apply_cpu_patches
-from megatron_rl.config import load_config
+from megatron_rl.config import ConfigError, load_config
 from megatron_rl.training.optimizer import build_lr_scheduler, optimizer_steps_per_rl_step
 
 warnings.filterwarnings("ignore")
@@ -79,3 +79,17 @@ def test_trainer_logs_the_schedule(tmp_path):
     finally:
         trainer.close()
     assert logged == pytest.approx([0.55e-3, 1e-4])
+
+
+@pytest.mark.parametrize("style, warmup, refused", [
+    ("cosine", 19, False), ("cosine", 20, True), ("linear", 20, True), ("constant", 20, False),
+    ("constant", 21, True)])
+def test_warmup_leaves_the_decay_some_steps(style, warmup, refused):
+    overrides = ["training.steps=20", f"training.lr_decay_style={style}",
+                 f"training.lr_warmup_steps={warmup}"]
+    if not refused:
+        load_config(None, overrides)
+        return
+    with pytest.raises(ConfigError, match=r"training.lr_warmup_steps must be in \[0, "
+                                          r"training.steps=20"):
+        load_config(None, overrides)
