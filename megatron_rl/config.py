@@ -56,10 +56,10 @@ class JobConfig:
 
     def validate(self, world_size: int, on_this_host: bool = False) -> None:
         """Cross-component checks that need the world size (layout vs model shape, batch
-        splits, prompt + response vs the model's positions, the built-in tasks' vocabulary).
-        on_this_host: also the checks that read this
-        host (the tokenizer files' vocabulary, TransformerEngine for sequence parallelism);
-        the entry points ask for them so every config error comes before any process group."""
+        splits) or several sections (prompt + response vs the model's positions, the built-in
+        tasks' vocabulary). on_this_host: also the checks that read this host (the tokenizer
+        files' vocabulary, TransformerEngine for sequence parallelism); the entry points ask
+        for them so every config error comes before any process group."""
         p, m = self.parallel, self.model
         p.resolve_data_parallel(world_size)
         if m.num_attention_heads % p.tensor_model_parallel_size:

@@ -34,4 +34,6 @@ def check_range(section: str, config, name: str, low=None, high=None, *, low_ope
     raise ValueError(f"{section}.{name} must be {requirement}{shown}, got {value}")
 
 
-SEED_RANGE = dict(low=0, high=2 ** 32, high_open=True)  # what every seed consumer accepts
+# Seeds: [0, 2**32), which every RNG the seeds reach accepts (torch's takes up to 2**64 - 1, but
+# training.seed is scaled before it gets there: training/sft.py).
+SEED_RANGE = dict(low=0, high=2 ** 32, high_open=True)
