@@ -7,6 +7,7 @@ its dotted path (`model.hidden_size`) and, for files, the file.
 """
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -55,9 +56,10 @@ class JobConfig:
 
     def validate(self, world_size: int, on_this_host: bool = False) -> None:
         """Cross-component checks that need the world size (layout vs model shape, batch
-        splits, the built-in tasks' vocabulary). on_this_host: also the checks that read this
-        host (the tokenizer files' vocabulary, TransformerEngine for sequence parallelism);
-        the entry points ask for them so every config error comes before any process group."""
+        splits) or several sections (prompt + response vs the model's positions, the built-in
+        tasks' vocabulary). on_this_host: also the checks that read this host (the tokenizer
+        files' vocabulary, TransformerEngine for sequence parallelism); the entry points ask
+        for them so every config error comes before any process group."""
         p, m = self.parallel, self.model
         p.resolve_data_parallel(world_size)
         if m.num_attention_heads % p.tensor_model_parallel_size:
@@ -88,9 +90,21 @@ class JobConfig:
         if p.sequence_parallel and p.tensor_model_parallel_size == 1:
             raise ConfigError("parallel.sequence_parallel=true needs "
                               "parallel.tensor_model_parallel_size > 1")
-        if self.data.task != "dataset" or on_this_host:
-            from megatron_rl.data.task import task_vocab_size
+        if self.training.sft_steps and self.training.sft_batch_size % dp:
+            raise ConfigError(f"training.sft_batch_size={self.training.sft_batch_size} is not "
+                              f"divisible by the data parallel size {dp}")
+        from megatron_rl.data.task import longest_prompt_tokens, task_vocab_size
 
+        longest = longest_prompt_tokens(self.data)
+        total = longest + self.rollout.max_new_tokens
+        if total > m.max_position_embeddings:
+            which = ("at least one prompt token" if self.data.task == "dataset" else
+                     f"the longest data.task={self.data.task} prompt")
+            raise ConfigError(
+                f"rollout.max_new_tokens={self.rollout.max_new_tokens} + {longest} ({which}) "
+                f"= {total} positions, over model.max_position_embeddings="
+                f"{m.max_position_embeddings}")
+        if self.data.task != "dataset" or on_this_host:
             vocab = task_vocab_size(self.data)
             if m.vocab_size < vocab:
                 raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the "
@@ -157,7 +171,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a float, got {type(value).__name__} {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float range
+            value = math.inf
+        if not math.isfinite(value):  # YAML's .nan / .inf: no field means anything by them
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
+        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an int, got {type(value).__name__} {value!r}")
@@ -208,7 +228,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+            raise ConfigError(f"override {dotted}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -219,14 +239,14 @@ def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
     tree: Dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
+            raise ConfigError(f"override {item}: expected key.sub=value")
         dotted, raw = item.split("=", 1)
         if not dotted:
-            raise ConfigError(f"override {item!r}: empty key")
+            raise ConfigError(f"override {item}: empty key")
         try:
             value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+            raise ConfigError(f"override {item}: value is not valid YAML ({e})") from e
         _set_dotted(tree, dotted, value)
     return tree
 
@@ -238,10 +258,20 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _build(cls, data: dict, world_size: Optional[int], on_this_host: bool):
+    cfg = from_dict(cls, data)
+    if world_size is not None:
+        cfg.validate(world_size, on_this_host=on_this_host)
+    return cfg
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
                 world_size: Optional[int] = None, cls=JobConfig, on_this_host: bool = False):
     """Load `path` (YAML), apply overrides, build the dataclass and, given the world size,
-    validate it (JobConfig.validate; on_this_host adds the checks that read this host)."""
+    validate it (JobConfig.validate; on_this_host adds the checks that read this host).
+
+    An error is the file's (`{path}: ...`) when the file alone has it; otherwise it is the
+    override after which it first appears (`override key=value: ...`)."""
     data: Dict[str, Any] = {}
     if path is not None:
         try:
@@ -253,14 +283,25 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
             raise ConfigError(f"config file {path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping")
-    data = _merge(data, parse_overrides(overrides))
+    merged = _merge(data, parse_overrides(overrides))
     try:
-        cfg = from_dict(cls, data)
-        if world_size is not None:
-            cfg.validate(world_size, on_this_host=on_this_host)
+        return _build(cls, merged, world_size, on_this_host)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-    return cfg
+        error = str(e)
+    # Replay the overrides one at a time from the file alone: the first source with this very
+    # error is the one to blame (a file error an override fixes was never raised).
+    for count in range(len(overrides) + 1):
+        try:
+            _build(cls, _merge(data, parse_overrides(overrides[:count])), world_size,
+                   on_this_host)
+        except Exception as e:  # a prefix may fail in other ways too: only a match counts
+            if isinstance(e, ConfigError) and str(e) == error:
+                break
+    else:  # not reproduced source by source: blame no single one
+        count = None
+    if count:
+        raise ConfigError(f"override {overrides[count - 1]}: {error}") from None
+    raise ConfigError(f"{path}: {error}" if path and count == 0 else error) from None
 
 
 def to_dict(cfg) -> Dict[str, Any]:

@@ -98,9 +98,12 @@ class AlgorithmConfig:
         if self.omega_low > self.omega_high:
             raise ValueError(f"omega_low (clip_cov_lb) = {self.omega_low} must be <= "
                              f"omega_high (clip_cov_ub) = {self.omega_high}")
-        for name in ("beta", "kl_ref_coef"):
+        # entropy_coef is a bonus on the policy's entropy; a negative one would reward collapse
+        for name in ("beta", "kl_ref_coef", "entropy_coef"):
             if getattr(self, name) < 0.0:
                 fail(name, "must be >= 0")
+        if not 0 <= self.seed < 2 ** 32:
+            fail("seed", f"must be in [0, {2 ** 32})")
 
 
 # {alias: field name}, and {field name: (aliases...)} for error messages.

@@ -3,6 +3,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from megatron_rl.errors import SEED_RANGE, check_range
+
 
 @dataclass
 class DataConfig:
@@ -42,7 +44,12 @@ class DataConfig:
         if not 0.0 <= self.walk_slip <= 1.0:
             raise ValueError(f"data.walk_slip must be in [0, 1], got {self.walk_slip}")
         if self.eval_prompts < 1:
-            raise ValueError(f"data.eval_prompts must be >= 1, got {self.eval_prompts}")
+            # 0 is not "no evaluation" (that is training.eval_interval=0): refused rather than
+            # an accuracy of 0 over no prompts
+            raise ValueError(f"data.eval_prompts must be >= 1, got {self.eval_prompts} "
+                             f"(training.eval_interval=0 turns evaluation off)")
+        for name in ("seed", "eval_seed"):
+            check_range("data", self, name, **SEED_RANGE)
         if self.task == "clock_walk":
             # as many problems as data/synthetic.py clock_walk_problems lists; the held-out set
             # must leave some for training

@@ -78,11 +78,27 @@ def load_tokenizer(model_dir: str | os.PathLike):
     return AutoTokenizer.from_pretrained(os.fspath(model_dir), local_files_only=True)
 
 
+def _undecodable(line: str) -> _RowError | None:
+    """The first byte that is not UTF-8, as surrogateescape decoding leaves it (U+DC80..U+DCFF;
+    a JSON escape such as \\udc80 is six ASCII characters, never one of these)."""
+    for column, char in enumerate(line, start=1):
+        if "\udc80" <= char <= "\udcff":
+            return _RowError("malformed", f"not valid UTF-8 (byte 0x{ord(char) - 0xdc00:02x} "
+                                          f"at column {column})")
+    return None
+
+
 def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
+    # surrogateescape: a byte that is not UTF-8 spoils its own line (named, or skipped and
+    # counted), not the whole file with a UnicodeDecodeError that names neither
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue  # blank lines (e.g. a doubled trailing newline) carry no row
+            bad_bytes = _undecodable(line)
+            if bad_bytes is not None:
+                yield f"line {line_number}", bad_bytes
+                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -158,12 +174,16 @@ def load_prompt_dataset(
     answer_key: str = "reward_model.ground_truth",
     on_invalid: Literal["error", "skip"] = "error",
     apply_chat_template: bool = True,
+    max_positions: int | None = None,
+    max_new_tokens: int = 0,
 ) -> PromptDataset:
     """Tokenize every row of a .jsonl or .parquet prompt file.
 
-    A bad row (malformed JSON, missing/mistyped field, empty prompt, prompt longer than
-    `max_prompt_tokens`) raises DataError naming file, line (jsonl, 1-based) or row (parquet,
-    0-based) and field; with on_invalid="skip" it is dropped and counted in `skipped` by reason.
+    A bad row (malformed JSON or a line that is not UTF-8, missing/mistyped field, empty
+    prompt, prompt longer than `max_prompt_tokens`, or than the `max_positions` of the model
+    less the `max_new_tokens` of a response) raises DataError naming file, line (jsonl, 1-based)
+    or row (parquet, 0-based) and field; with on_invalid="skip" it is dropped and counted in
+    `skipped` by reason.
     Prompts are never truncated. A plain-text prompt becomes a single user message when the
     tokenizer has a chat template and `apply_chat_template`; chat-message prompts need one.
     """
@@ -203,6 +223,11 @@ def load_prompt_dataset(
                 ids = tokenizer.encode(prompt)
             if len(ids) > max_prompt_tokens:
                 raise _RowError("too_long", f"field '{prompt_key}' is {len(ids)} tokens, over max_prompt_tokens={max_prompt_tokens}")
+            if max_positions is not None and len(ids) + max_new_tokens > max_positions:
+                raise _RowError("too_long", f"field '{prompt_key}' is {len(ids)} tokens + "
+                                            f"rollout.max_new_tokens={max_new_tokens} = "
+                                            f"{len(ids) + max_new_tokens} positions, over "
+                                            f"model.max_position_embeddings={max_positions}")
         except _RowError as e:
             if on_invalid == "error":
                 raise DataError(f"{path} {location}: {e}") from None

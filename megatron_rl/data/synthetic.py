@@ -51,6 +51,12 @@ def addition_problems(n: int, digits: int, seed: int) -> List[Tuple[str, str]]:
     return [(f"{x}+{y}=", str(x + y)) for x, y in zip(a.tolist(), b.tolist())]
 
 
+def addition_prompt_tokens(digits: int) -> int:
+    """Tokens of the longest addition prompt: <bos> and the widest "a+b="."""
+    largest = 10 ** digits - 1
+    return 1 + len(f"{largest}+{largest}=")
+
+
 def supervised_batch(problems, tokenizer: CharTokenizer, seq_length: int):
     """tokens, labels, loss_mask [n, seq_length]: <bos> prompt answer <eos>, padded; the loss
     covers the answer and <eos> only (the prompt is given)."""
@@ -106,6 +112,11 @@ def clock_walk_split(num_allowed: int, eval_count: int, eval_seed: int):
 
 def clock_walk_prompt(allowed: str, start: int) -> str:
     return f"{allowed} {start}="
+
+
+def clock_walk_prompt_tokens(num_allowed: int) -> int:
+    """Tokens of every clock_walk prompt: <bos> "allowed start=" (all are the same length)."""
+    return 1 + len(clock_walk_prompt("1" * num_allowed, 0))
 
 
 def clock_walk_slip(digit: int, slip: float) -> float:

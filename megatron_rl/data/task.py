@@ -5,8 +5,9 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from megatron_rl.data.synthetic import (CharTokenizer, addition_problems, addition_prompts,
-                                        clock_walk_demonstrations, clock_walk_prompts,
+from megatron_rl.data.synthetic import (CharTokenizer, addition_problems, addition_prompt_tokens,
+                                        addition_prompts, clock_walk_demonstrations,
+                                        clock_walk_prompt_tokens, clock_walk_prompts,
                                         clock_walk_reward, clock_walk_split, draw)
 from megatron_rl.errors import ConfigError
 from megatron_rl.rewards.synthetic import score as exact_score
@@ -43,6 +44,17 @@ def task_vocab_size(d) -> int:
                           f"loaded from it ({type(e).__name__}: {e})") from e
 
 
+def longest_prompt_tokens(d) -> int:
+    """The longest prompt of data config `d` in tokens, known before any data is read for the
+    built-in tasks; 1 for the dataset task, whose rows are checked as they load
+    (data/prompts.py load_prompt_dataset max_positions)."""
+    if d.task == "addition":
+        return addition_prompt_tokens(d.digits)
+    if d.task == "clock_walk":
+        return clock_walk_prompt_tokens(d.walk_digits)
+    return 1
+
+
 def build_task(cfg) -> Task:
     d = cfg.data
     if d.task == "addition":
@@ -73,7 +85,12 @@ def build_task(cfg) -> Task:
         raise ValueError(f"the tokenizer in {d.tokenizer_dir} has no eos token to stop on")
     dataset = load_prompt_dataset(d.path, tokenizer, prompt_key=d.prompt_key,
                                   answer_key=d.answer_key, max_prompt_tokens=d.max_prompt_tokens,
-                                  on_invalid=d.on_invalid, apply_chat_template=d.apply_chat_template)
+                                  on_invalid=d.on_invalid,
+                                  apply_chat_template=d.apply_chat_template,
+                                  # a prompt the model has no room to answer fails here,
+                                  # not when a step draws it
+                                  max_positions=cfg.model.max_position_embeddings,
+                                  max_new_tokens=cfg.rollout.max_new_tokens)
     return Task(
         vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id,
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),

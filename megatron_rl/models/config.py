@@ -3,6 +3,8 @@ transformers."""
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from megatron_rl.errors import check_range
+
 
 @dataclass
 class ModelConfig:
@@ -36,6 +38,13 @@ class ModelConfig:
                      "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        check_range("model", self, "num_query_groups", 1, null="multi-head attention")
+        check_range("model", self, "kv_channels", 1, null="hidden_size / num_attention_heads")
+        for name in ("rotary_base", "norm_epsilon", "init_method_std"):
+            check_range("model", self, name, 0, low_open=True)
+        check_range("model", self, "rope_scaling_factor", 1, null="no scaling")
+        for name in ("attention_dropout", "hidden_dropout"):
+            check_range("model", self, name, 0, 1, high_open=True)
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
                              f"model.num_attention_heads={self.num_attention_heads}")

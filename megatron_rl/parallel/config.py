@@ -2,6 +2,8 @@
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from megatron_rl.errors import SEED_RANGE, check_range
+
 
 @dataclass
 class ParallelConfig:
@@ -27,6 +29,7 @@ class ParallelConfig:
                              f"got {self.data_parallel_size}")
         if self.timeout_minutes <= 0:
             raise ValueError("parallel.timeout_minutes must be positive")
+        check_range("parallel", self, "seed", **SEED_RANGE)
 
     @property
     def model_parallel_size(self) -> int:

@@ -2,6 +2,8 @@
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
+from megatron_rl.errors import SEED_RANGE, check_range
+
 
 @dataclass
 class SGLangConfig:
@@ -51,6 +53,11 @@ class SGLangConfig:
         if not self.bucket_mb > 0 or self.max_restarts < 0:
             raise ValueError(f"rollout.sglang.bucket_mb must be > 0 (got {self.bucket_mb}) and "
                              f"max_restarts >= 0 (got {self.max_restarts})")
+        check_range("rollout.sglang", self, "mem_fraction_static", 0, 1, low_open=True,
+                    high_open=True, null="SGLang's default")
+        check_range("rollout.sglang", self, "max_total_tokens", 1, null="SGLang's default")
+        for name in ("startup_timeout_s", "request_timeout_s"):
+            check_range("rollout.sglang", self, name, 0, low_open=True)
 
 
 @dataclass
@@ -80,3 +87,7 @@ class RolloutConfig:
         if self.temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0 for RL sampling, "
                              f"got {self.temperature}")
+        check_range("rollout", self, "top_p", 0, 1, low_open=True)
+        if self.top_k != -1 and self.top_k < 1:
+            raise ValueError(f"rollout.top_k must be >= 1 (or -1: no top-k), got {self.top_k}")
+        check_range("rollout", self, "seed", **SEED_RANGE)

@@ -2,14 +2,20 @@
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from megatron_rl.errors import SEED_RANGE, check_range
+
 
 @dataclass
 class TrainingConfig:
-    steps: int = 20
+    steps: int = 20  # RL steps (rollout + training.mini_batches x ppo_epochs optimizer steps)
     micro_batch_size: int = 4
     seq_length: int = 32
     lr: float = 1e-3
     min_lr: float = 0.0
+    # The LR schedule runs over optimizer steps (training/optimizer.py build_lr_scheduler):
+    # the warmup, counted in RL steps like training.steps, rises from 0 to lr over
+    # lr_warmup_steps x mini_batches x ppo_epochs optimizer steps; linear/cosine then decay
+    # to min_lr, reached at the last optimizer step of the last RL step.
     lr_warmup_steps: int = 0
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
     weight_decay: float = 0.0
@@ -64,16 +70,32 @@ class TrainingConfig:
 
     def __post_init__(self):
         for name in ("divergence_steps", "divergence_grad_norm_ratio", "divergence_entropy_jump"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"training.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("steps", "micro_batch_size", "seq_length"):
+            check_range("training", self, name, 0)
+        for name in ("steps", "micro_batch_size", "seq_length", "log_interval", "mini_batches",
+                     "ppo_epochs", "keep_checkpoints", "max_nonfinite_steps", "sft_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
-        if self.mini_batches < 1 or self.ppo_epochs < 1 or self.keep_checkpoints < 1:
-            raise ValueError("training.mini_batches, training.ppo_epochs and "
-                             "training.keep_checkpoints must be >= 1")
+        # 0: never (eval, probe), only at the end (checkpoints), none (sampled eval, warm start)
+        for name in ("eval_interval", "probe_interval", "checkpoint_interval", "eval_avg_k",
+                     "sft_steps"):
+            check_range("training", self, name, 0)
         if not self.eval_greedy and self.eval_avg_k < 1:
             raise ValueError("training.eval_greedy=false needs training.eval_avg_k >= 1 "
                              "(eval_accuracy is then avg@k)")
-        if self.lr < 0 or self.clip_grad < 0:
-            raise ValueError("training.lr and training.clip_grad must be >= 0")
+        for name in ("lr", "sft_lr", "clip_grad", "weight_decay"):
+            check_range("training", self, name, 0)
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"training.min_lr must be in [0, training.lr={self.lr}], "
+                             f"got {self.min_lr}")
+        decays = self.lr_decay_style != "constant"
+        if not 0 <= self.lr_warmup_steps <= self.steps - decays:
+            raise ValueError(
+                f"training.lr_warmup_steps must be in [0, training.steps={self.steps}"
+                f"{')' if decays else ']'} (RL steps"
+                f"{f'; the {self.lr_decay_style} decay follows the warmup' if decays else ''})"
+                f", got {self.lr_warmup_steps}")
+        for name in ("adam_beta1", "adam_beta2"):
+            check_range("training", self, name, 0, 1, high_open=True)
+        for name in ("adam_eps", "eval_temperature"):
+            check_range("training", self, name, 0, low_open=True)
+        check_range("training", self, "seed", **SEED_RANGE)

@@ -50,19 +50,32 @@ def build_optimizer(model_chunks, cfg: TrainingConfig, use_distributed_optimizer
     return get_megatron_optimizer(opt_config, model_chunks)
 
 
+def optimizer_steps_per_rl_step(cfg: TrainingConfig) -> int:
+    """The trainer's optimizer steps (and LR-schedule steps) in one RL step."""
+    return cfg.mini_batches * cfg.ppo_epochs
+
+
 def build_lr_scheduler(optimizer, cfg: TrainingConfig):
+    """The LR schedule over the run's optimizer steps: the trainer advances it once per
+    mini-batch, so the RL-step counts training.steps and training.lr_warmup_steps are scaled
+    by optimizer_steps_per_rl_step. A decaying schedule reaches training.min_lr with the last
+    optimizer step of the last RL step (the `lr` that step logs)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    per_step = optimizer_steps_per_rl_step(cfg)
+    warmup = cfg.lr_warmup_steps * per_step
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if cfg.lr_warmup_steps else cfg.lr,
+        init_lr=0.0 if warmup else cfg.lr,
         max_lr=cfg.lr,
         min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.lr_warmup_steps,
-        lr_decay_steps=max(cfg.steps, cfg.lr_warmup_steps + 1),
+        lr_warmup_steps=warmup,
+        # config checks keep the warmup shorter than the run; max() only satisfies megatron's
+        # assertion warmup < decay for the constant style, which never decays
+        lr_decay_steps=max(cfg.steps * per_step, warmup + 1),
         lr_decay_style=cfg.lr_decay_style,
         start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay,
-        wd_incr_steps=max(cfg.steps, 1),
+        wd_incr_steps=max(cfg.steps * per_step, 1),
         wd_incr_style="constant",
     )

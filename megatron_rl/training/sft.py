@@ -42,6 +42,13 @@ def sft_cache_key(cfg, demonstrations) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def sft_training_config(t):
+    """The warm start's optimizer settings: training's, at sft_lr. There is no LR schedule:
+    min_lr (which must not exceed lr) is 0, so any sft_lr is accepted."""
+    return dataclasses.replace(t, lr=t.sft_lr, min_lr=0.0, lr_warmup_steps=0,
+                               steps=t.sft_steps)
+
+
 def warm_start(model, cfg, info, log=logger.info) -> str:
     """Load the cached SFT weights into `model`, training and caching them first if needed."""
     # the prompt order is irrelevant here: demonstrations draw their own problems
@@ -52,8 +59,7 @@ def warm_start(model, cfg, info, log=logger.info) -> str:
         log(f"warm start: loaded cached SFT weights from {path}")
         return path
     t = cfg.training
-    sft_cfg = dataclasses.replace(t, lr=t.sft_lr, lr_warmup_steps=0, steps=t.sft_steps)
-    optimizer = build_optimizer([model], sft_cfg, t.use_distributed_optimizer)
+    optimizer = build_optimizer([model], sft_training_config(t), t.use_distributed_optimizer)
     tokenizer = CharTokenizer()
     per_rank = t.sft_batch_size // info.dp_size
     num_micro = max(per_rank // t.micro_batch_size, 1)

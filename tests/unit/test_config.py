@@ -73,6 +73,30 @@ def test_file_errors_name_the_file(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
 
 
+def test_override_errors_name_the_override_and_file_errors_the_file(tmp_path):
+    good = write(tmp_path, "training:\n  lr: 1e-3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(good, ["model.num_layers=4", "training.lr=abc"])
+    assert str(e.value) == ("override training.lr=abc: training.lr: expected a float, "
+                            "got str 'abc'")
+    with pytest.raises(ConfigError, match=r"^override training.stepz=3: unknown config key"):
+        load_config(good, ["training.stepz=3"])
+    # the error comes with the override that makes the config impossible
+    with pytest.raises(ConfigError, match=r"^override parallel.tensor_model_parallel_size=8: "
+                                          r"model.num_attention_heads=4 is not divisible"):
+        load_config(good, ["model.num_attention_heads=4",
+                           "parallel.tensor_model_parallel_size=8"], world_size=8)
+    # a bad value in the file stays the file's, whatever the overrides
+    bad = write(tmp_path, "training:\n  lr: abc\n")
+    with pytest.raises(ConfigError, match=r"^\S*job.yaml: training.lr: expected a float"):
+        load_config(bad, ["model.num_layers=4"])
+    # ... unless an override replaces it
+    assert load_config(bad, ["training.lr=2e-3"]).training.lr == 2e-3
+    # no file: the override still says it is one
+    with pytest.raises(ConfigError, match=r"^override model.num_layers=-1: model: "):
+        load_config(None, ["model.num_layers=-1"])
+
+
 def test_override_syntax():
     assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=null"]) == {"a": {"b": 1, "c": [1, 2]},
                                                                   "d": None}
@@ -118,3 +142,168 @@ def test_sglang_host_names_an_interface_or_an_address():
                     if any(a.address == "127.0.0.1" for a in addrs))
     assert bind_address(loopback) == "127.0.0.1"  # an interface resolves to its IPv4 address
     assert bind_address("10.1.2.3") == "10.1.2.3"
+
+
+@pytest.mark.parametrize("override, message", [
+    # each was accepted and failed later: a ZeroDivisionError after step 1, a stop after the
+    # first step, a sampler with nothing to draw from, an accuracy of 0 over no prompts
+    ("training.log_interval=0", "training.log_interval must be >= 1, got 0"),
+    ("training.max_nonfinite_steps=0", "training.max_nonfinite_steps must be >= 1, got 0"),
+    ("rollout.top_p=0", "rollout.top_p must be in (0, 1], got 0.0"),
+    ("rollout.top_k=0", "rollout.top_k must be >= 1 (or -1: no top-k), got 0"),
+    ("data.eval_prompts=0", "data.eval_prompts must be >= 1, got 0 (training.eval_interval=0 "
+                            "turns evaluation off)"),
+])
+def test_values_that_failed_later_are_refused_at_load(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tests/configs/tiny_addition.yaml", [override], world_size=1)
+    assert str(e.value).startswith(f"override {override}: ") and message in str(e.value)
+
+
+@pytest.mark.parametrize("task, longest", [(["data.task=addition", "data.digits=1"], 5),
+                                           (["data.task=addition", "data.digits=3"], 9),
+                                           (["data.task=clock_walk", "data.walk_digits=4"], 8),
+                                           (["data.task=clock_walk", "data.walk_digits=8"], 12)])
+def test_max_new_tokens_beyond_the_models_positions_is_refused(task, longest):
+    from megatron_rl.data.task import build_task, longest_prompt_tokens
+
+    cfg = load_config(None, task + ["model.max_position_embeddings=64",
+                                    f"rollout.max_new_tokens={64 - longest}"], world_size=1)
+    assert longest_prompt_tokens(cfg.data) == longest
+    task_prompts = build_task(cfg).prompts_for_step
+    assert max(len(ids) for step in range(20) for ids, _ in task_prompts(step, 64)) == longest
+    with pytest.raises(ConfigError) as e:
+        load_config(None, task + ["model.max_position_embeddings=64",
+                                  f"rollout.max_new_tokens={65 - longest}"], world_size=1)
+    name = task[0].split("=")[1]
+    assert str(e.value) == (
+        f"override rollout.max_new_tokens={65 - longest}: rollout.max_new_tokens="
+        f"{65 - longest} + {longest} (the longest data.task={name} prompt) = 65 positions, "
+        f"over model.max_position_embeddings=64")
+
+
+def test_max_new_tokens_leaves_the_dataset_task_a_prompt_token(tmp_path):
+    dataset = ["data.task=dataset", f"data.path={tmp_path}/x.jsonl",
+               f"data.tokenizer_dir={tmp_path}", "training.sft_steps=0",
+               "model.max_position_embeddings=64"]
+    load_config(None, dataset + ["rollout.max_new_tokens=63"], world_size=1)
+    with pytest.raises(ConfigError, match=r"max_new_tokens=64 \+ 1 \(at least one prompt token"):
+        load_config(None, dataset + ["rollout.max_new_tokens=64"], world_size=1)
+
+
+def test_sft_batch_splits_over_data_parallel_ranks():
+    load_config(None, ["training.sft_steps=10", "training.sft_batch_size=6"], world_size=2)
+    with pytest.raises(ConfigError, match="training.sft_batch_size=6 is not divisible by the "
+                                          "data parallel size 4"):
+        load_config(None, ["training.sft_steps=10", "training.sft_batch_size=6"], world_size=4)
+    load_config(None, ["training.sft_steps=0", "training.sft_batch_size=6"], world_size=4)
+
+
+def test_warm_start_rate_below_min_lr_is_no_error():
+    from megatron_rl.training.sft import sft_training_config
+
+    t = load_config(None, ["training.min_lr=1e-3", "training.lr=2e-3", "training.sft_lr=1e-4",
+                           "training.sft_steps=5", "training.lr_decay_style=cosine"]).training
+    assert sft_training_config(t).lr == 1e-4
+
+
+# Every numeric config field with a value clearly out of its range (several where the range has
+# two ends or a cross-field bound). A new numeric field fails test_every_numeric_field_is_listed
+# until it is listed here, and then the next test until it has a check.
+OUT_OF_RANGE = {
+    "model.num_layers": [0], "model.hidden_size": [0], "model.ffn_hidden_size": [0],
+    "model.num_attention_heads": [0], "model.num_query_groups": [0, 3],
+    "model.kv_channels": [0], "model.vocab_size": [0], "model.make_vocab_size_divisible_by": [0],
+    "model.max_position_embeddings": [0, 8], "model.rotary_base": [0],
+    "model.rope_scaling_factor": [0, 0.5], "model.norm_epsilon": [0],
+    "model.init_method_std": [0], "model.attention_dropout": [-0.1, 1],
+    "model.hidden_dropout": [-0.1, 1],
+    "parallel.tensor_model_parallel_size": [0], "parallel.pipeline_model_parallel_size": [0],
+    "parallel.context_parallel_size": [0], "parallel.data_parallel_size": [0],
+    "parallel.timeout_minutes": [0], "parallel.seed": [-1, 2 ** 32],
+    "training.steps": [0], "training.micro_batch_size": [0], "training.seq_length": [0],
+    "training.lr": [-1e-3], "training.min_lr": [-1e-5, 1], "training.lr_warmup_steps": [-1, 21],
+    "training.weight_decay": [-0.1], "training.adam_beta1": [-0.1, 1],
+    "training.adam_beta2": [-0.1, 1], "training.adam_eps": [0], "training.clip_grad": [-1],
+    "training.seed": [-1, 2 ** 32], "training.log_interval": [0], "training.mini_batches": [0],
+    "training.ppo_epochs": [0], "training.eval_interval": [-1], "training.eval_avg_k": [-1],
+    "training.eval_temperature": [0], "training.probe_interval": [-1],
+    "training.checkpoint_interval": [-1], "training.keep_checkpoints": [0],
+    "training.max_nonfinite_steps": [0], "training.sft_steps": [-1], "training.sft_lr": [-1],
+    "training.sft_batch_size": [0], "training.divergence_steps": [-1],
+    "training.divergence_grad_norm_ratio": [-1], "training.divergence_entropy_jump": [-0.5],
+    "algorithm.n": [0], "algorithm.gamma": [-0.1, 1.5], "algorithm.lam": [-0.1, 1.5],
+    "algorithm.eps_low": [-0.1, 1.5], "algorithm.eps_high": [-0.1],
+    "algorithm.dual_clip_c": [1], "algorithm.r": [0, 1], "algorithm.omega_low": [6],
+    "algorithm.omega_high": [0.5], "algorithm.k": [0, 1], "algorithm.beta": [-1],
+    "algorithm.seed": [-1, 2 ** 32], "algorithm.rollout_is_cap": [0.5],
+    "algorithm.entropy_coef": [-0.01], "algorithm.kl_ref_coef": [-0.01],
+    "rollout.prompts_per_step": [0], "rollout.temperature": [0], "rollout.top_p": [0, 1.5],
+    "rollout.top_k": [0, -2], "rollout.max_new_tokens": [0, 512], "rollout.seed": [-1, 2 ** 32],
+    "rollout.sglang.engines_per_node": [0], "rollout.sglang.tp_size": [0],
+    "rollout.sglang.mem_fraction_static": [0, 1], "rollout.sglang.max_total_tokens": [0],
+    "rollout.sglang.bucket_mb": [0], "rollout.sglang.startup_timeout_s": [0],
+    "rollout.sglang.request_timeout_s": [0], "rollout.sglang.max_restarts": [-1],
+    "data.max_prompt_tokens": [0], "data.digits": [0, 7], "data.walk_steps": [1, 9],
+    "data.walk_digits": [1, 9], "data.walk_slip": [-0.1, 1.5], "data.seed": [-1, 2 ** 32],
+    "data.eval_prompts": [0], "data.eval_seed": [-1, 2 ** 32],
+    "reward.workers": [0], "reward.timeout_s": [0], "reward.memory_limit_mb": [0],
+    "reward.min_value": [-1e31], "reward.max_value": [-1, -2],
+}
+
+
+def numeric_fields(cls=JobConfig, prefix=""):
+    """(dotted key, is a float) of every int / float / Optional[int or float] field."""
+    import dataclasses
+    import typing
+
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from numeric_fields(tp, f"{key}.")
+            continue
+        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        if args[0] in (int, float):
+            yield key, args[0] is float
+
+
+def names_the_key(message, key):
+    section, name = key.rsplit(".", 1)
+    return key in message or f"{section}: {name} " in message  # algorithm: r (clip_cov_ratio)
+
+
+def test_every_numeric_field_is_listed():
+    keys = [key for key, _ in numeric_fields()]
+    assert sorted(set(keys) - set(OUT_OF_RANGE)) == []
+    assert sorted(set(OUT_OF_RANGE) - set(keys)) == []
+
+
+@pytest.mark.parametrize("key, value", [(k, v) for k, values in OUT_OF_RANGE.items()
+                                        for v in values])
+def test_out_of_range_values_are_refused_naming_the_key(key, value):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{key}={value}"], world_size=1)
+    assert names_the_key(str(e.value), key), str(e.value)
+    assert str(e.value).startswith(f"override {key}={value}: ")
+
+
+@pytest.mark.parametrize("key", [k for k, is_float in numeric_fields() if is_float])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_floats_are_refused(key, value):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{key}={value}"], world_size=1)
+    assert names_the_key(str(e.value), key), str(e.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["rollout.top_k=-1"], ["rollout.top_k=1"], ["rollout.top_p=1"], ["rollout.top_p=0.01"],
+    ["training.eval_interval=0"], ["training.checkpoint_interval=0"], ["training.lr=0"],
+    ["training.lr_warmup_steps=19", "training.lr_decay_style=cosine"],
+    ["training.lr_warmup_steps=20"], ["training.min_lr=1e-3"], ["training.max_nonfinite_steps=1"],
+    ["training.log_interval=1"], ["model.max_position_embeddings=15", "rollout.max_new_tokens=8"],
+    ["rollout.sglang.mem_fraction_static=0.85"], ["reward.memory_limit_mb=null"],
+    ["model.rope_scaling_factor=8"], ["algorithm.omega_low=-1"], ["parallel.seed=0"],
+])
+def test_values_at_the_edges_are_accepted(overrides):
+    load_config(None, overrides, world_size=1)

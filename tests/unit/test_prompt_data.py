@@ -117,6 +117,53 @@ def test_skip_counts_every_bad_row_by_reason(tmp_path, tokenizer):
     assert [answer for _, answer in dataset.examples] == ["3", "3"]
 
 
+def test_non_utf8_line_names_file_and_line_and_is_skipped_and_counted(tmp_path, tokenizer):
+    path = tmp_path / "train.jsonl"
+    good = json.dumps(verl_row("what is one ?")).encode()
+    # a Latin-1 byte (0xe9) where UTF-8 wants a continuation: the line's row cannot be read
+    latin1 = b'{"prompt": "caf\xe9 ?", "reward_model": {"ground_truth": "3"}}'
+    path.write_bytes(b"\n".join([good, latin1, good, b""]))
+    with pytest.raises(DataError) as error:
+        load_prompt_dataset(path, tokenizer, max_prompt_tokens=64)
+    assert str(error.value) == f"{path} line 2: not valid UTF-8 (byte 0xe9 at column 16)"
+    dataset = load_prompt_dataset(path, tokenizer, max_prompt_tokens=64, on_invalid="skip")
+    assert dataset.skipped == {"malformed": 1} and len(dataset) == 2
+
+
+def test_prompt_beyond_the_models_positions_names_file_and_line(tmp_path, tokenizer):
+    # 12 tokens: under max_prompt_tokens, but with 8 new tokens over 16 positions
+    rows = [verl_row("what is one ?"), verl_row("one two three four five six seven eight nine ten"),
+            verl_row("what is two ?")]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    limits = dict(max_prompt_tokens=64, max_positions=16, max_new_tokens=8)
+    with pytest.raises(DataError) as error:
+        load_prompt_dataset(path, tokenizer, **limits)
+    assert str(error.value) == (f"{path} line 2: field 'prompt' is 12 tokens + "
+                                "rollout.max_new_tokens=8 = 20 positions, over "
+                                "model.max_position_embeddings=16")
+    dataset = load_prompt_dataset(path, tokenizer, on_invalid="skip", **limits)
+    assert dataset.skipped == {"too_long": 1} and [a for _, a in dataset.examples] == ["3", "3"]
+    assert len(load_prompt_dataset(path, tokenizer, **dict(limits, max_positions=20))) == 3
+
+
+def test_dataset_task_checks_prompts_against_the_models_positions_at_load(tmp_path,
+                                                                          tokenizer_dir):
+    from megatron_rl.config import load_config
+    from megatron_rl.data.task import build_task
+
+    rows = [verl_row("what is one ?"), verl_row("one two three four five six seven eight nine ten")]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    overrides = ["data.task=dataset", f"data.path={path}", f"data.tokenizer_dir={tokenizer_dir}",
+                 "training.sft_steps=0", "model.max_position_embeddings=16",
+                 "rollout.max_new_tokens=8", "data.max_prompt_tokens=64"]
+    with pytest.raises(DataError, match=r"train.jsonl line 2: field 'prompt' is 12 tokens \+ "
+                                        r"rollout.max_new_tokens=8 = 20 positions, over model"):
+        build_task(load_config(None, overrides, world_size=1, on_this_host=True))
+    task = build_task(load_config(None, overrides + ["data.on_invalid=skip"], world_size=1))
+    assert task.skipped_rows == {"too_long": 1}
+    assert {len(ids) for ids, _ in task.eval_prompts} == {6}
+
+
 def test_bad_parquet_row_names_row_index(tmp_path, tokenizer):
     rows = [verl_row("what is one ?"), verl_row("what is two ?", answer=None)]
     path = tmp_path / "train.parquet"
