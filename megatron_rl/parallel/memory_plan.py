@@ -47,7 +47,7 @@ Assumptions (docs/memory_plan.md repeats them next to the numbers):
 - runtime_overhead_gib covers the CUDA context, NCCL buffers and allocator fragmentation.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Literal
 
 GIB = 1 << 30
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
