@@ -111,7 +111,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
         # GPU-only; cannot install on a CPU-only host. Used automatically when importable.
-        "gpu": ["transformer-engine[pytorch]"],  # apex: build NVIDIA/apex from source (PyPI "apex" is unrelated)
+        # apex: build NVIDIA/apex from source (PyPI "apex" is unrelated)
+        "gpu": ["transformer-engine[pytorch]"],
     },
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},

@@ -33,7 +33,8 @@ def run_torchrun(script, nproc, args=(), timeout=600, env=None):
         proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"torchrun {script} timed out after {timeout}s\n{e.stdout}\n{e.stderr}")
+        raise AssertionError(f"torchrun {script} timed out after {timeout}s\n"
+                             f"{e.stdout}\n{e.stderr}")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"torchrun {script} failed (rc={proc.returncode}):\n{out[-20000:]}"
     return out

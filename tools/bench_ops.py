@@ -119,7 +119,8 @@ def _worker(case, method, tokens, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
@@ -130,37 +131,42 @@ def main():
 
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, tokens={args.tokens}, "
-          f"temperature 1, fwd+bwd; times are medians of {args.repeats}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
+          f"tokens={args.tokens}, temperature 1, fwd+bwd; times are medians of {args.repeats}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     failures = []
     for case in CASES:
         rows = {}
         for method in METHODS:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", case, method,
-                                   "--tokens", str(args.tokens), "--repeats", str(args.repeats)],
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", case,
+                                   method, "--tokens", str(args.tokens),
+                                   "--repeats", str(args.repeats)],
                                   cwd=root, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{case} {method} failed:\n{proc.stdout}\n{proc.stderr}")
             rows[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"\n{case}: logits [{args.tokens}, {CASES[case]}] = {args.tokens * CASES[case] * 4 / 2**20:.0f} MiB")
-        print(f"{'method':8s} {'fwd s':>8s} {'fwd+bwd s':>10s} {'peak extra MiB':>15s} {'saved MiB':>10s}"
-              f" {'mean logprob':>13s} {'mean entropy':>13s}")
+        print(f"\n{case}: logits [{args.tokens}, {CASES[case]}] = "
+              f"{args.tokens * CASES[case] * 4 / 2**20:.0f} MiB")
+        print(f"{'method':8s} {'fwd s':>8s} {'fwd+bwd s':>10s} {'peak extra MiB':>15s} "
+              f"{'saved MiB':>10s} {'mean logprob':>13s} {'mean entropy':>13s}")
         for method, r in rows.items():
-            print(f"{method:8s} {r['fwd_s']:8.3f} {r['fwd_bwd_s']:10.3f} {r['peak_extra_mib']:15.0f} "
-                  f"{r['saved_mib']:10.0f} {r['logprob_mean']:13.5f} {r['entropy_mean']:13.5f}")
+            print(f"{method:8s} {r['fwd_s']:8.3f} {r['fwd_bwd_s']:10.3f} "
+                  f"{r['peak_extra_mib']:15.0f} {r['saved_mib']:10.0f} "
+                  f"{r['logprob_mean']:13.5f} {r['entropy_mean']:13.5f}")
         ext, plain, tp3ar = rows["ext"], rows["plain"], rows["tp3ar"]
         vs_plain = plain["fwd_bwd_s"] / ext["fwd_bwd_s"]
         vs_tp3ar = tp3ar["fwd_bwd_s"] / ext["fwd_bwd_s"]
         memory = ext["peak_extra_mib"] / tp3ar["peak_extra_mib"]
         print(f"ext speed-up: {vs_plain:.1f}x vs plain, {vs_tp3ar:.1f}x vs tp3ar; "
-              f"peak extra memory: {memory:.2f} of tp3ar's, {ext['peak_extra_mib'] / plain['peak_extra_mib']:.2f} "
-              f"of plain's")
-        for ok, what in ((vs_plain >= 3, "3x vs plain"), (vs_tp3ar >= 2, "2x vs tp3ar"), (memory <= 0.25, "1/4 memory")):
+              f"peak extra memory: {memory:.2f} of tp3ar's, "
+              f"{ext['peak_extra_mib'] / plain['peak_extra_mib']:.2f} of plain's")
+        for ok, what in ((vs_plain >= 3, "3x vs plain"), (vs_tp3ar >= 2, "2x vs tp3ar"),
+                         (memory <= 0.25, "1/4 memory")):
             if not ok:
                 failures.append(f"{case}: {what}")
-    print(f"\ntargets ({TARGETS}): " + ("all met" if not failures else "MISSED " + "; ".join(failures)))
+    print(f"\ntargets ({TARGETS}): "
+          + ("all met" if not failures else "MISSED " + "; ".join(failures)))
     return 0
 
 

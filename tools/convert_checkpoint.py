@@ -1,6 +1,7 @@
-"""Convert Hugging Face checkpoints to megatron distributed checkpoints and back.
+r"""Convert Hugging Face checkpoints to megatron distributed checkpoints and back.
 
-  python tools/convert_checkpoint.py hf-to-megatron --input HF_DIR --output MEGATRON_DIR --tp N --pp M
+  python tools/convert_checkpoint.py hf-to-megatron --input HF_DIR --output MEGATRON_DIR \
+      --tp N --pp M
   python tools/convert_checkpoint.py megatron-to-hf --input MEGATRON_DIR --output HF_DIR
 
 Both run in one process and stream, one tensor (one layer's slice of it) at a time; --tp decides
@@ -26,7 +27,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     to_megatron = commands.add_parser("hf-to-megatron", help="HF folder -> megatron checkpoint")
-    to_megatron.add_argument("--input", required=True, help="HF folder (config.json, *.safetensors)")
+    to_megatron.add_argument("--input", required=True,
+                             help="HF folder (config.json, *.safetensors)")
     to_megatron.add_argument("--output", required=True, help="megatron checkpoint directory (new)")
     to_megatron.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     to_megatron.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")

@@ -39,12 +39,14 @@ def main(argv=None):
         print(f"only {len(steps)} points: fitting on the first {first_k}")
     full = fit_entropy_law(entropy, accuracy)
     prefix = predict_from_prefix(entropy, accuracy, first_k)
-    print(f"run {run.name} ({run.label}): {len(steps)} points, steps {int(steps[0])}..{int(steps[-1])}")
+    print(f"run {run.name} ({run.label}): {len(steps)} points, "
+          f"steps {int(steps[0])}..{int(steps[-1])}")
     print(f"all points:     a = {full.a:.4f}  b = {full.b:.4f}  ceiling -a+b = {full.ceiling:.4f}  "
           f"residual RMS = {100 * full.residual_rms:.2f} pts")
     print(f"first {first_k:3d} pts: a = {prefix.fit.a:.4f}  b = {prefix.fit.b:.4f}  "
           f"ceiling -a+b = {prefix.fit.ceiling:.4f}")
-    print(f"predicting the other {len(prefix.actual)} (steps {int(steps[first_k])}..{int(steps[-1])}): "
+    print(f"predicting the other {len(prefix.actual)} "
+          f"(steps {int(steps[first_k])}..{int(steps[-1])}): "
           f"RMSE = {100 * prefix.rmse:.2f} accuracy pts")
     out = args.out or os.path.join(args.run_dir, "plots", "entropy_law.png")
     print(f"wrote {plot_prefix_prediction(run, prefix, out)}")

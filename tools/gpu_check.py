@@ -1,4 +1,5 @@
-"""GPU correctness checks and timings of the vocab-parallel CUDA kernels (run by tools/gpu_check.sh).
+"""GPU correctness checks and timings of the vocab-parallel CUDA kernels (run by
+tools/gpu_check.sh).
 
 Checks (each recorded, the run exits 1 if any fails):
 - the public ops on CUDA tensors (fp32, bf16, fp16, fp64; odd / unaligned and aligned vocab sizes,
@@ -41,7 +42,8 @@ def record(name, fn):
         ok, error = True, None
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, the run goes on
         ok, error, detail = False, f"{type(exc).__name__}: {exc}"[:2000], {}
-    RESULTS["checks"].append({"name": name, "ok": ok, "error": error, "seconds": time.perf_counter() - t0, **detail})
+    RESULTS["checks"].append({"name": name, "ok": ok, "error": error,
+                              "seconds": time.perf_counter() - t0, **detail})
     print(f"[{'PASS' if ok else 'FAIL'}] {name}" + (f": {error}" if error else ""), flush=True)
 
 
@@ -100,15 +102,17 @@ def check_phase_ops_match_cpu(dtype):
     torch.testing.assert_close(stats.cpu(), stats_cpu, rtol=1e-4, atol=1e-4, equal_nan=True)
     lse = (stats[0] + stats[1].log() + 0.5).contiguous()
     entropy = (stats[1].log() - stats[2] / stats[1] + 0.1).contiguous()
-    g1, g2 = torch.randn(37, device=DEVICE, dtype=lse.dtype), torch.randn(37, device=DEVICE, dtype=lse.dtype)
+    g1, g2 = (torch.randn(37, device=DEVICE, dtype=lse.dtype),
+              torch.randn(37, device=DEVICE, dtype=lse.dtype))
     grad = ops.logprob_entropy_backward(logits, target, lse, entropy, g1, g2, *args)
-    grad_cpu = ops.logprob_entropy_backward(logits.cpu(), target.cpu(), lse.cpu(), entropy.cpu(), g1.cpu(),
-                                            g2.cpu(), *args)
+    grad_cpu = ops.logprob_entropy_backward(logits.cpu(), target.cpu(), lse.cpu(), entropy.cpu(),
+                                            g1.cpu(), g2.cpu(), *args)
     rtol, atol = GRAD_TOL[dtype]
     torch.testing.assert_close(grad.cpu().double(), grad_cpu.double(), rtol=rtol, atol=atol)
     delta = torch.randn(37, 1000, device=DEVICE)
     part = ops.covariance_partials(logits, delta, lse, entropy, args[0], args[2])
-    part_cpu = ops.covariance_partials(logits.cpu(), delta.cpu(), lse.cpu(), entropy.cpu(), args[0], args[2])
+    part_cpu = ops.covariance_partials(logits.cpu(), delta.cpu(), lse.cpu(), entropy.cpu(),
+                                       args[0], args[2])
     torch.testing.assert_close(part.cpu(), part_cpu, rtol=1e-4, atol=1e-4)
     return {"max_err_stats": max_err(stats.cpu()[1:], stats_cpu[1:].double()),
             "max_err_grad": max_err(grad.cpu(), grad_cpu.double())}
@@ -117,10 +121,12 @@ def check_phase_ops_match_cpu(dtype):
 def check_output_layer(dtype):
     g = torch.Generator(device=DEVICE).manual_seed(7)
     hidden = torch.randn(3, 50, 64, generator=g, device=DEVICE, dtype=torch.float64).to(dtype)
-    weight = (torch.randn(1024, 64, generator=g, device=DEVICE, dtype=torch.float64) * 0.2).to(dtype)
+    weight = (torch.randn(1024, 64, generator=g, device=DEVICE, dtype=torch.float64)
+              * 0.2).to(dtype)
     target = torch.randint(0, 1000, (3, 50), generator=g, device=DEVICE)
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    lp, ent = output_layer_logprobs_entropy(h, w, target, 0.9, vocab_size=1000, token_chunk=64, vocab_chunk=300)
+    lp, ent = output_layer_logprobs_entropy(h, w, target, 0.9, vocab_size=1000, token_chunk=64,
+                                            vocab_chunk=300)
     (lp + 0.1 * ent).sum().backward()
     h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
     ref_lp, ref_h = dense_logprobs_entropy(h64 @ w64.t(), target, 0.9, 1000)
@@ -133,7 +139,8 @@ def check_output_layer(dtype):
     gtol = {torch.float64: 1e-8, torch.float32: 1e-2, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=gtol, atol=gtol)
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=gtol, atol=gtol)
-    return {"max_err_logprob": max_err(lp, ref_lp), "max_err_grad_weight": max_err(w.grad, w64.grad)}
+    return {"max_err_logprob": max_err(lp, ref_lp),
+            "max_err_grad_weight": max_err(w.grad, w64.grad)}
 
 
 def run_checks():
@@ -152,19 +159,24 @@ def run_checks():
                lambda: check_logprobs_entropy(wide[..., :4096], target, 0.9, vocab_size=4093))
         delta = torch.randn(40, 5003, generator=gen, device=DEVICE)
         logits = make_logits((40, 5003), dtype, seed=12)
-        record(f"covariance {dtype} (fp32 delta)", lambda: check_covariance(logits, delta, 0.8, vocab_size=5000))
-        record(f"covariance {dtype} (same-dtype delta)", lambda: check_covariance(logits, delta.to(dtype), 1.0))
-        record(f"phase ops CUDA == CPU on a shard {dtype}", lambda: check_phase_ops_match_cpu(dtype))
+        record(f"covariance {dtype} (fp32 delta)",
+               lambda: check_covariance(logits, delta, 0.8, vocab_size=5000))
+        record(f"covariance {dtype} (same-dtype delta)",
+               lambda: check_covariance(logits, delta.to(dtype), 1.0))
+        record(f"phase ops CUDA == CPU on a shard {dtype}",
+               lambda: check_phase_ops_match_cpu(dtype))
     masked = make_logits((6, 4096), torch.float32, seed=13, masked_fraction=0.0)
     masked[0, 1:] = float("-inf")
     masked[1, :4000] = float("-inf")
-    record("-inf rows", lambda: check_logprobs_entropy(masked, torch.tensor([0, 4001, 5, 6, 7, 8], device=DEVICE), 1.1))
+    record("-inf rows", lambda: check_logprobs_entropy(
+        masked, torch.tensor([0, 4001, 5, 6, 7, 8], device=DEVICE), 1.1))
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         record(f"output layer {dtype}", lambda: check_output_layer(dtype))
     x = make_logits((3, 9), torch.float64, seed=14, masked_fraction=0.0).requires_grad_(True)
     t = torch.tensor([0, 8, 4], device=DEVICE)
     record("gradcheck fp64", lambda: {"gradcheck": torch.autograd.gradcheck(
-        lambda v: vocab_parallel_logprobs_entropy(v, t, 0.8, vocab_size=8), (x,), eps=1e-6, atol=1e-7)})
+        lambda v: vocab_parallel_logprobs_entropy(v, t, 0.8, vocab_size=8), (x,),
+        eps=1e-6, atol=1e-7)})
 
 
 def cuda_time(fn, repeats):
@@ -203,7 +215,7 @@ def run_timings(tokens, repeats):
     copy_gbs = 2 * buffer.numel() / copy_s / 1e9
     RESULTS["d2d_copy_GBps"] = copy_gbs
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)", flush=True)
-    del buffer, copy_target
+    buffer = copy_target = None  # frees the 2 GiB (not `del`: the lambda above names them)
     for dtype in (torch.bfloat16, torch.float32):
         for vocab in (32768, 75968):
             logits = make_logits((tokens, vocab), dtype, seed=21, masked_fraction=0.0)
@@ -213,10 +225,12 @@ def run_timings(tokens, repeats):
             stats = ops.logprob_stats(logits, target, 1.0, 0, vocab)
             lse, entropy, _ = vp.global_softmax_moments(stats, None)
             ones = torch.ones(tokens, device=DEVICE)
-            fwd_kernel = cuda_time(lambda: ops.logprob_stats(logits, target, 1.0, 0, vocab), repeats)
-            bwd_kernel = cuda_time(lambda: ops.logprob_entropy_backward(logits, target, lse, entropy, ones, ones,
-                                                                        1.0, 0, vocab), repeats)
-            cov_kernel = cuda_time(lambda: ops.covariance_partials(logits, delta, lse, entropy, 1.0, vocab), repeats)
+            fwd_kernel = cuda_time(lambda: ops.logprob_stats(
+                logits, target, 1.0, 0, vocab), repeats)
+            bwd_kernel = cuda_time(lambda: ops.logprob_entropy_backward(
+                logits, target, lse, entropy, ones, ones, 1.0, 0, vocab), repeats)
+            cov_kernel = cuda_time(lambda: ops.covariance_partials(
+                logits, delta, lse, entropy, 1.0, vocab), repeats)
 
             def fwd_bwd(fn):
                 x = logits.detach().requires_grad_(True)
@@ -228,17 +242,24 @@ def run_timings(tokens, repeats):
             row = {"dtype": str(dtype), "tokens": tokens, "vocab": vocab,
                    "stats_kernel_s": fwd_kernel, "stats_GBps": nbytes / fwd_kernel / 1e9,
                    "backward_kernel_s": bwd_kernel, "backward_GBps": 2 * nbytes / bwd_kernel / 1e9,
-                   "covariance_kernel_s": cov_kernel, "covariance_GBps": 2 * nbytes / cov_kernel / 1e9,
+                   "covariance_kernel_s": cov_kernel,
+                   "covariance_GBps": 2 * nbytes / cov_kernel / 1e9,
                    "ext_fwd_bwd_s": ext_s, "plain_fwd_bwd_s": plain_s,
-                   "ext_peak_extra_MiB": peak_extra_bytes(lambda: fwd_bwd(vocab_parallel_logprobs_entropy)) / 2**20,
-                   "plain_peak_extra_MiB": peak_extra_bytes(lambda: fwd_bwd(plain_logprobs_entropy)) / 2**20}
+                   "ext_peak_extra_MiB": peak_extra_bytes(
+                       lambda: fwd_bwd(vocab_parallel_logprobs_entropy)) / 2**20,
+                   "plain_peak_extra_MiB": peak_extra_bytes(
+                       lambda: fwd_bwd(plain_logprobs_entropy)) / 2**20}
             RESULTS["timings"].append(row)
-            print(f"{dtype} [{tokens}, {vocab}]: stats {fwd_kernel * 1e3:.3f} ms ({row['stats_GBps']:.0f} GB/s), "
-                  f"backward {bwd_kernel * 1e3:.3f} ms ({row['backward_GBps']:.0f} GB/s), covariance "
-                  f"{cov_kernel * 1e3:.3f} ms ({row['covariance_GBps']:.0f} GB/s); fwd+bwd ext {ext_s * 1e3:.2f} ms "
-                  f"vs plain {plain_s * 1e3:.2f} ms; peak extra ext {row['ext_peak_extra_MiB']:.0f} MiB vs plain "
+            print(f"{dtype} [{tokens}, {vocab}]: stats {fwd_kernel * 1e3:.3f} ms "
+                  f"({row['stats_GBps']:.0f} GB/s), backward {bwd_kernel * 1e3:.3f} ms "
+                  f"({row['backward_GBps']:.0f} GB/s), covariance {cov_kernel * 1e3:.3f} ms "
+                  f"({row['covariance_GBps']:.0f} GB/s); fwd+bwd ext {ext_s * 1e3:.2f} ms "
+                  f"vs plain {plain_s * 1e3:.2f} ms; peak extra ext "
+                  f"{row['ext_peak_extra_MiB']:.0f} MiB vs plain "
                   f"{row['plain_peak_extra_MiB']:.0f} MiB", flush=True)
-            del logits, delta
+            # frees both before the next case allocates its own (not `del`: the lambdas and
+            # fwd_bwd above name them)
+            logits = delta = None
 
 
 def main():
@@ -247,15 +268,18 @@ def main():
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda",
-                        help="'cpu' runs the same checks on the CPU kernels, without timings (a dry run of this script)")
+                        help="'cpu' runs the same checks on the CPU kernels, without timings "
+                             "(a dry run of this script)")
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
     from megatron_rl import _C
 
-    RESULTS.update(device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu", torch=torch.__version__,
-                   cuda=torch.version.cuda, extension_with_cuda=bool(_C.with_cuda))
-    print(json.dumps({k: RESULTS[k] for k in ("device", "torch", "cuda", "extension_with_cuda")}), flush=True)
+    RESULTS.update(device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
+                   torch=torch.__version__, cuda=torch.version.cuda,
+                   extension_with_cuda=bool(_C.with_cuda))
+    print(json.dumps({k: RESULTS[k] for k in ("device", "torch", "cuda", "extension_with_cuda")}),
+          flush=True)
     run_checks()
     if DEVICE.type == "cuda":
         try:
@@ -267,7 +291,8 @@ def main():
     RESULTS["failed"] = failed
     with open(args.out, "w") as f:
         json.dump(RESULTS, f, indent=1)
-    print(f"{len(RESULTS['checks']) - len(failed)}/{len(RESULTS['checks'])} checks passed; results in {args.out}")
+    print(f"{len(RESULTS['checks']) - len(failed)}/{len(RESULTS['checks'])} checks passed; "
+          f"results in {args.out}")
     return 1 if failed or "timing_error" in RESULTS else 0
 
 

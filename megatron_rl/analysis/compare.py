@@ -223,7 +223,8 @@ def load_methods(root: str) -> Tuple[List[Method], List[str], List[str]]:
         methods.append(method)
     differences = _config_differences([m.seeds[0].run for m in methods], "algorithm.")
     if differences:  # e.g. a method left from an earlier invocation with other settings
-        warnings.append(f"the methods' configs differ outside algorithm.*: {', '.join(differences)}")
+        warnings.append("the methods' configs differ outside algorithm.*: "
+                        f"{', '.join(differences)}")
     labels = [m.label for m in methods]
     for method in methods:  # two folders of one method: tell them apart by folder
         if labels.count(method.label) > 1:

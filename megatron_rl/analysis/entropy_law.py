@@ -40,8 +40,9 @@ class EntropyLawFit:
         return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
 
 
-def fit_entropy_law(entropy: Sequence[float], accuracy: Sequence[float], *, huber_k: float = HUBER_K,
-                    max_iter: int = 100, tol: float = 1e-12) -> EntropyLawFit:
+def fit_entropy_law(entropy: Sequence[float], accuracy: Sequence[float], *,
+                    huber_k: float = HUBER_K, max_iter: int = 100,
+                    tol: float = 1e-12) -> EntropyLawFit:
     """Robust (Huber IRLS) least-squares fit of accuracy = -a exp(entropy) + b.
 
     The residual scale is re-estimated from the median absolute deviation at every iteration, so
@@ -81,7 +82,8 @@ def entropy_accuracy_points(records: Iterable[Mapping], accuracy_key: str = "eva
     """(steps, entropy, accuracy) of the metrics records that carry both a policy entropy and an
     accuracy (the step-0 evaluation has no training entropy yet and is left out)."""
     rows = [(r["step"], r["entropy"], r[accuracy_key]) for r in records
-            if isinstance(r.get("entropy"), (int, float)) and isinstance(r.get(accuracy_key), (int, float))
+            if isinstance(r.get("entropy"), (int, float))
+            and isinstance(r.get(accuracy_key), (int, float))
             and math.isfinite(r["entropy"]) and math.isfinite(r[accuracy_key])]
     if not rows:
         return np.zeros(0), np.zeros(0), np.zeros(0)
@@ -89,7 +91,8 @@ def entropy_accuracy_points(records: Iterable[Mapping], accuracy_key: str = "eva
     return steps, entropy, accuracy
 
 
-def entropy_law_metrics(points: Sequence[Tuple[float, float]], min_points: int = 4) -> Dict[str, float]:
+def entropy_law_metrics(points: Sequence[Tuple[float, float]],
+                        min_points: int = 4) -> Dict[str, float]:
     """The online fit for the trainer's log: `points` are the (entropy, eval accuracy) pairs so far,
     in step order. Empty until `min_points` pairs with distinct entropies exist.
 

@@ -152,7 +152,8 @@ def draw_probe(ax, probes: Sequence[Dict]) -> None:
         metrics = probe.get("metrics", {})
         ax.scatter(probe["predicted"].numpy(), probe["actual"].numpy(), s=4, alpha=0.5,
                    color=cmap(index / max(len(probes) - 1, 1)),
-                   label=f"step {probe['step']}: corr {metrics.get('probe/correlation', float('nan')):.3f}, "
+                   label=f"step {probe['step']}: "
+                         f"corr {metrics.get('probe/correlation', float('nan')):.3f}, "
                          f"slope {metrics.get('probe/slope', float('nan')):.3f}")
     if probes:
         values = np.concatenate([np.concatenate([p["predicted"].numpy(), p["actual"].numpy()])
@@ -173,7 +174,8 @@ def _legend(ax, runs):
 def _panels(runs: Sequence[Run]):
     """(file stem, draw function) of every panel of a run figure."""
     return [
-        ("entropy", lambda ax: draw_metric(ax, runs, "entropy", "policy entropy", "entropy vs step")),
+        ("entropy", lambda ax: draw_metric(ax, runs, "entropy", "policy entropy",
+                                           "entropy vs step")),
         ("accuracy", lambda ax: draw_metric(ax, runs, "eval_accuracy", "eval accuracy",
                                             "eval accuracy vs step")),
         ("entropy_law", lambda ax: draw_law(ax, runs)),

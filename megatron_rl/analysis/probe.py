@@ -66,8 +66,9 @@ def _agreement_metrics(actual: torch.Tensor, predicted: torch.Tensor, entropy_be
 
 @torch.no_grad()
 def probe_entropy_dynamics(logits_before: torch.Tensor, logits_after: torch.Tensor,
-                           temperature: float = 1.0, group=None, *, vocab_size: Optional[int] = None,
-                           mask: Optional[torch.Tensor] = None, dp_group=None) -> EntropyProbe:
+                           temperature: float = 1.0, group=None, *,
+                           vocab_size: Optional[int] = None, mask: Optional[torch.Tensor] = None,
+                           dp_group=None) -> EntropyProbe:
     """Actual vs first-order predicted entropy change of every token of a probe batch.
 
     logits_before / logits_after: this rank's vocabulary shard [..., V_local] of the same probe
@@ -81,9 +82,10 @@ def probe_entropy_dynamics(logits_before: torch.Tensor, logits_after: torch.Tens
         raise ValueError(f"logits_before {tuple(logits_before.shape)} vs logits_after "
                          f"{tuple(logits_after.shape)}")
     # The entropy is all that is read; any in-vocabulary id serves as the op's target.
-    any_target = torch.zeros(logits_before.shape[:-1], dtype=torch.long, device=logits_before.device)
-    _, entropy_before = vocab_parallel_logprobs_entropy(logits_before, any_target, temperature, group,
-                                                        vocab_size=vocab_size)
+    any_target = torch.zeros(logits_before.shape[:-1], dtype=torch.long,
+                             device=logits_before.device)
+    _, entropy_before = vocab_parallel_logprobs_entropy(logits_before, any_target, temperature,
+                                                        group, vocab_size=vocab_size)
     _, entropy_after = vocab_parallel_logprobs_entropy(logits_after, any_target, temperature, group,
                                                        vocab_size=vocab_size)
     # Subtract in at least float32: bf16 logits that barely move would otherwise round to zero.

@@ -43,4 +43,5 @@ def evaluate(engine, prompts: Sequence[Tuple[List[int], str]], decode: Callable[
             sums[2 * index], sums[2 * index + 1] = float(sum(rewards)), float(len(rewards))
     if dp_group is not None:
         dist.all_reduce(sums, group=dp_group)
-    return {name: (sums[2 * i] / sums[2 * i + 1].clamp(min=1)).item() for i, (name, _) in enumerate(runs)}
+    return {name: (sums[2 * i] / sums[2 * i + 1].clamp(min=1)).item()
+            for i, (name, _) in enumerate(runs)}

@@ -141,7 +141,7 @@ def _streams_apply() -> None:
     torch.cuda.synchronize = lambda device=None: None
 
 
-# --- 4. device="cuda" literals ---------------------------------------------------------------------
+# --- 4. device="cuda" literals --------------------------------------------------------------------
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "empty_like")
 
 

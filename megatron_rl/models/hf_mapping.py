@@ -104,7 +104,8 @@ def model_config_from_hf(hf: dict, source: str = "config.json",
     if hf.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{source}: hidden_act={hf['hidden_act']!r}; only 'silu' (SwiGLU)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ConversionError(f"{source}: attention_bias/mlp_bias are not supported for {architecture}")
+        raise ConversionError(f"{source}: attention_bias/mlp_bias are not supported for "
+                              f"{architecture}")
     if hf.get("use_sliding_window"):
         raise ConversionError(f"{source}: use_sliding_window=true is not supported")
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
@@ -188,11 +189,13 @@ def expected_hf_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
         "self_attn.q_proj.weight": (groups * per_group * d, h),
         "self_attn.k_proj.weight": (groups * d, h), "self_attn.v_proj.weight": (groups * d, h),
         "self_attn.o_proj.weight": (h, groups * per_group * d),
-        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
     }
     if cfg.add_qkv_bias:
         layer.update({"self_attn.q_proj.bias": (groups * per_group * d,),
-                      "self_attn.k_proj.bias": (groups * d,), "self_attn.v_proj.bias": (groups * d,)})
+                      "self_attn.k_proj.bias": (groups * d,),
+                      "self_attn.v_proj.bias": (groups * d,)})
     if cfg.qk_layernorm:
         layer.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}

@@ -14,7 +14,8 @@ local; grad_hidden gets the contributions of every rank's columns by an all-redu
 import torch
 import torch.distributed as dist
 
-from megatron_rl.ops.vocab_parallel import global_softmax_moments, phase_ops, rebase_moments, shard_columns
+from megatron_rl.ops.vocab_parallel import (global_softmax_moments, phase_ops, rebase_moments,
+                                            shard_columns)
 
 
 def _blocks(rows, cols, token_chunk, vocab_chunk):
@@ -41,7 +42,8 @@ class _OutputLayerLogprobsEntropy(torch.autograd.Function):
             new_max = torch.maximum(running[0], block[0])
             s_run, w_run = rebase_moments(running[0], running[1], running[2], new_max)
             s_blk, w_blk = rebase_moments(block[0], block[1], block[2], new_max)
-            stats[:, tokens] = torch.stack([new_max, s_run + s_blk, w_run + w_blk, running[3] + block[3]])
+            stats[:, tokens] = torch.stack([new_max, s_run + s_blk, w_run + w_blk,
+                                            running[3] + block[3]])
         lse, entropy, target_z = global_softmax_moments(stats, group)
         ctx.save_for_backward(hidden, weight, target, lse, entropy)
         ctx.config = (inv_temperature, vocab_start, valid_cols, group, token_chunk, vocab_chunk,
@@ -63,7 +65,8 @@ class _OutputLayerLogprobsEntropy(torch.autograd.Function):
             logits = hidden[tokens] @ weight[v0:v1].t()
             grad_logits = ops.logprob_entropy_backward(
                 logits, target[tokens], lse[tokens], entropy[tokens], grad_logprobs[tokens],
-                grad_entropy[tokens], inv_temperature, vocab_start + v0, min(max(valid_cols - v0, 0), v1 - v0))
+                grad_entropy[tokens], inv_temperature, vocab_start + v0,
+                min(max(valid_cols - v0, 0), v1 - v0))
             grad_hidden[tokens] += grad_logits @ weight[v0:v1]
             grad_weight[v0:v1] += grad_logits.t() @ hidden[tokens]
         if group is not None and all_reduce_grad_hidden:
@@ -72,8 +75,9 @@ class _OutputLayerLogprobsEntropy(torch.autograd.Function):
                 None, None, None, None, None, None, None, None)
 
 
-def output_layer_logprobs_entropy(hidden, weight, target, temperature=1.0, group=None, *, vocab_size=None,
-                                  token_chunk=1024, vocab_chunk=16384, all_reduce_grad_hidden=True):
+def output_layer_logprobs_entropy(hidden, weight, target, temperature=1.0, group=None, *,
+                                  vocab_size=None, token_chunk=1024, vocab_chunk=16384,
+                                  all_reduce_grad_hidden=True):
     """Log-prob of `target` and entropy of softmax(hidden @ weight.T / temperature), never
     materialising the logits.
 
@@ -86,10 +90,12 @@ def output_layer_logprobs_entropy(hidden, weight, target, temperature=1.0, group
     if target.shape != hidden.shape[:-1]:
         raise ValueError(f"target {tuple(target.shape)} vs hidden {tuple(hidden.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]}")
+        raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size "
+                         f"{hidden.shape[-1]}")
     vocab_start, valid_cols = shard_columns(weight.shape[0], group, vocab_size)
     logprobs, entropy = _OutputLayerLogprobsEntropy.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight, target.reshape(-1).to(device=hidden.device, dtype=torch.long).contiguous(),
-        1.0 / temperature, vocab_start, valid_cols, group, token_chunk, vocab_chunk, all_reduce_grad_hidden)
+        1.0 / temperature, vocab_start, valid_cols, group, token_chunk, vocab_chunk,
+        all_reduce_grad_hidden)
     return logprobs.view(target.shape), entropy.view(target.shape)

@@ -29,7 +29,8 @@ def _valid_z(logits, start, end, inv_temperature, valid_cols):
 
 
 def logprob_stats(logits, target, inv_temperature, vocab_start, valid_cols):
-    """[4, tokens]: max z, sum exp(z - max), sum exp(z - max)(z - max), z[target] over this block."""
+    """[4, tokens]: max z, sum exp(z - max), sum exp(z - max)(z - max), z[target] over this
+    block."""
     rows = logits.shape[0]
     stats = torch.zeros(4, rows, dtype=_acc_dtype(logits), device=logits.device)
     stats[0] = float("-inf")
@@ -81,7 +82,8 @@ def covariance_partials(logits, delta, lse, entropy, inv_temperature, valid_cols
         lp = _valid_z(logits, start, end, inv_temperature, valid_cols) - lse[start:end, None]
         p = lp.exp()
         d = delta[start:end, :valid_cols].to(lp.dtype)
-        partials[0, start:end] = torch.where(p > 0, p * (lp + entropy[start:end, None]) * d, 0.0).sum(-1)
+        partials[0, start:end] = torch.where(p > 0, p * (lp + entropy[start:end, None]) * d,
+                                             0.0).sum(-1)
         partials[1, start:end] = torch.where(p > 0, p * d, 0.0).sum(-1)
     return partials
 
@@ -111,5 +113,7 @@ def dense_covariance(logits, delta, temperature=1.0, vocab_size=None):
     d = delta[..., : logp.shape[-1]].to(logp.dtype)
     mean_delta = (p * d).sum(-1)
     mean_logp = torch.where(p > 0, p * logp, 0.0).sum(-1)
-    centered = torch.where(p > 0, p * (logp - mean_logp.unsqueeze(-1)) * (d - mean_delta.unsqueeze(-1)), 0.0)
+    centered = torch.where(p > 0,
+                           p * (logp - mean_logp.unsqueeze(-1)) * (d - mean_delta.unsqueeze(-1)),
+                           0.0)
     return centered.sum(-1), mean_delta

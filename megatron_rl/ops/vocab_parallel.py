@@ -40,7 +40,8 @@ _WARNED_DEVICE_TYPES = set()
 
 def phase_ops(device):
     """The extension's phase ops when they are built for `device`, else the PyTorch reference."""
-    if _NATIVE_OPS is not None and (device.type == "cpu" or (device.type == "cuda" and _NATIVE_HAS_CUDA)):
+    if _NATIVE_OPS is not None and (device.type == "cpu"
+                                    or (device.type == "cuda" and _NATIVE_HAS_CUDA)):
         return _NATIVE_OPS
     if _NATIVE_OPS is not None and device.type not in _WARNED_DEVICE_TYPES:
         _WARNED_DEVICE_TYPES.add(device.type)
@@ -61,7 +62,8 @@ def shard_columns(local_vocab, group, vocab_size):
     if vocab_size is None:
         vocab_size = padded
     if not 0 < vocab_size <= padded:
-        raise ValueError(f"vocab_size={vocab_size} outside (0, {padded}] for {world} x {local_vocab} columns")
+        raise ValueError(f"vocab_size={vocab_size} outside (0, {padded}] for {world} x "
+                         f"{local_vocab} columns")
     start = rank * local_vocab
     return start, min(max(vocab_size - start, 0), local_vocab)
 
@@ -122,8 +124,10 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def vocab_parallel_logprobs_entropy(logits, target, temperature=1.0, group=None, *, vocab_size=None):
-    """Log-prob of `target` and entropy of softmax(logits / temperature) over the sharded vocabulary.
+def vocab_parallel_logprobs_entropy(logits, target, temperature=1.0, group=None, *,
+                                    vocab_size=None):
+    """Log-prob of `target` and entropy of softmax(logits / temperature) over the sharded
+    vocabulary.
 
     logits: this rank's shard [..., V_local] (bf16, fp16, fp32 or fp64) of a vocabulary split evenly
     and in order over the ranks of `group` (None: this process holds the whole vocabulary).
@@ -136,7 +140,8 @@ def vocab_parallel_logprobs_entropy(logits, target, temperature=1.0, group=None,
         raise ValueError(f"target {tuple(target.shape)} vs logits {tuple(logits.shape)}")
     vocab_start, valid_cols = shard_columns(logits.shape[-1], group, vocab_size)
     logprobs, entropy = _VocabParallelLogprobsEntropy.apply(
-        _as_rows(logits), target.reshape(-1).to(device=logits.device, dtype=torch.long).contiguous(),
+        _as_rows(logits),
+        target.reshape(-1).to(device=logits.device, dtype=torch.long).contiguous(),
         1.0 / temperature, vocab_start, valid_cols, group)
     return logprobs.view(target.shape), entropy.view(target.shape)
 
@@ -159,7 +164,8 @@ def vocab_parallel_covariance(logits, delta, temperature=1.0, group=None, *, voc
         ops.logprob_stats(rows, None, inv_temperature, vocab_start, valid_cols), group)
     if delta.dtype not in (logits.dtype, torch.float32):
         delta = delta.float()
-    partials = ops.covariance_partials(rows, _as_rows(delta), lse, entropy, inv_temperature, valid_cols)
+    partials = ops.covariance_partials(rows, _as_rows(delta), lse, entropy, inv_temperature,
+                                       valid_cols)
     if group is not None:
         dist.all_reduce(partials, op=dist.ReduceOp.SUM, group=group)
     shape = logits.shape[:-1]

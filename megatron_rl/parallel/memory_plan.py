@@ -47,7 +47,7 @@ Assumptions (docs/memory_plan.md repeats them next to the numbers):
 - runtime_overhead_gib covers the CUDA context, NCCL buffers and allocator fragmentation.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Literal
 
 GIB = 1 << 30
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -301,7 +301,8 @@ def plan_memory(cfg, gpu_memory_gib: float, *, distributed_optimizer: bool = Tru
             act += 2 * t.micro_batch_size * t.seq_length * m.hidden_size * e // (
                 tp if p.sequence_parallel else 1)
         items = [
-            MemoryItem("weights", n * e, "both", f"{n / 1e9:.3f}B params x {e} B ({m.params_dtype})"),
+            MemoryItem("weights", n * e, "both",
+                       f"{n / 1e9:.3f}B params x {e} B ({m.params_dtype})"),
             MemoryItem("grad_buffer", n * 4, "both", "fp32 DDP gradient buffer"),
             MemoryItem("main_params", 0 if fp32_params else n * 4 // shard, "both",
                        "none (fp32 params)" if fp32_params else

@@ -38,15 +38,18 @@ def load_reward_fn(spec: str, allowed_modules: Iterable[str] = ()) -> RewardFn:
     target = BUILTIN_REWARD_FNS.get(spec, spec)
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute.isidentifier() or module_name.startswith("."):
-        raise ValueError(f"reward function {spec!r}: expected 'math', 'exact' or 'package.module:function'")
+        raise ValueError(f"reward function {spec!r}: expected 'math', 'exact' or "
+                         "'package.module:function'")
     if spec not in BUILTIN_REWARD_FNS:
         allowed = list(allowed_modules)
         if not any(module_name == m or module_name.startswith(m + ".") for m in allowed):
             raise PermissionError(
-                f"reward function {spec!r}: module '{module_name}' is not in reward.allowed_modules {allowed}")
+                f"reward function {spec!r}: module '{module_name}' is not in "
+                f"reward.allowed_modules {allowed}")
     fn = getattr(importlib.import_module(module_name), attribute, None)
     if fn is None:
-        raise ValueError(f"reward function {spec!r}: module '{module_name}' has no attribute '{attribute}'")
+        raise ValueError(f"reward function {spec!r}: module '{module_name}' has no attribute "
+                         f"'{attribute}'")
     if not callable(fn):
         raise TypeError(f"reward function {spec!r} is not callable (got {type(fn).__name__})")
     return fn
@@ -82,7 +85,8 @@ def _worker_main(conn, fn: RewardFn, memory_limit_mb: int | None) -> None:
 class _Worker:
     def __init__(self, context, fn: RewardFn, memory_limit_mb: int | None):
         self.conn, child_conn = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(child_conn, fn, memory_limit_mb), daemon=True)
+        self.process = context.Process(target=_worker_main, args=(child_conn, fn, memory_limit_mb),
+                                       daemon=True)
         self.process.start()
         child_conn.close()
         self.task_index: int | None = None
@@ -98,7 +102,8 @@ class _Worker:
                 failure = e
         self.kill()
         raise RuntimeError(
-            f"reward worker failed to start (exit code {self.process.exitcode}, {failure or 'no ready signal'}); "
+            f"reward worker failed to start (exit code {self.process.exitcode}, "
+            f"{failure or 'no ready signal'}); "
             "the reward function must be importable by module path in a fresh process")
 
     def kill(self) -> None:
@@ -117,9 +122,11 @@ class RewardPool:
     Workers persist across calls; close() (or `with`) ends them.
     """
 
-    def __init__(self, fn: RewardFn, num_workers: int = 4, timeout_s: float = 10.0, memory_limit_mb: int | None = None):
+    def __init__(self, fn: RewardFn, num_workers: int = 4, timeout_s: float = 10.0,
+                 memory_limit_mb: int | None = None):
         if num_workers < 1 or timeout_s <= 0:
-            raise ValueError(f"RewardPool needs num_workers >= 1 and timeout_s > 0, got {num_workers}, {timeout_s}")
+            raise ValueError(f"RewardPool needs num_workers >= 1 and timeout_s > 0, got "
+                             f"{num_workers}, {timeout_s}")
         self._fn, self._timeout_s, self._memory_limit_mb = fn, timeout_s, memory_limit_mb
         # spawn: the trainer holds threads (and maybe CUDA); forking it is unsafe.
         self._context = multiprocessing.get_context("spawn")
@@ -158,7 +165,8 @@ class RewardPool:
                     worker.task_index, worker.deadline = index, time.monotonic() + self._timeout_s
                     outstanding += 1
             busy = [w for w in self._workers if w.task_index is not None]
-            ready = wait([w.conn for w in busy], timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
+            ready = wait([w.conn for w in busy],
+                         timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
             for worker in busy:
                 index = worker.task_index
                 if worker.conn in ready:

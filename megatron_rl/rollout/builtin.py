@@ -263,7 +263,8 @@ class BuiltinEngine:
                 model, h, tokens[:, :start], positions[:, :start], mask, context), batch, start)
             freqs = model.rotary_pos_emb(total)
             cache = self._rotated_cache(model, context, start, total, freqs)
-            del context
+            # frees the prefill KV cache (not `del`: the prefill lambda above names it)
+            context = None
             for t in range(start, total):
                 if t > start:  # feed column t - 1, get the logits for column t
                     keys_hidden = None if hidden is None else hidden[:, None, None, :t]

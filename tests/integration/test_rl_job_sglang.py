@@ -100,6 +100,7 @@ def test_engine_that_keeps_dying_stops_the_job_with_a_checkpoint(tmp_path):
     # The checkpoint resumes (with the built-in engine: nothing of the dead engine is needed).
     out = run_torchrun("megatron_rl/train.py", 2, ["--resume", "auto"] + job_args(
         run_dir, tmp_path / "cache", python, [f"training.steps={done + 1}",
-                                              "training.eval_interval=0", "rollout.engine=builtin"]))
+                                              "training.eval_interval=0",
+                                              "rollout.engine=builtin"]))
     assert "resumed from" in out
     assert read_steps(run_dir / "metrics.jsonl")[-1]["step"] == done + 1

@@ -16,7 +16,8 @@ TINY = ["training.sft_steps=5", "training.eval_interval=1", "training.probe_inte
 def run(module, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, "-m", module, "--config",
-                           "tests/configs/tiny_addition.yaml", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+                           "tests/configs/tiny_addition.yaml", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -8,8 +8,10 @@ from tests.torchrun import ROOT
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.hidden_sise=3"], "unknown config key 'model.hidden_sise' (did you mean 'hidden_size'?)"),
-    (["rollout.prompts_per_step=3", "algorithm.n=3"], "is not divisible by training.mini_batches=2"),
+    (["model.hidden_sise=3"],
+     "unknown config key 'model.hidden_sise' (did you mean 'hidden_size'?)"),
+    (["rollout.prompts_per_step=3", "algorithm.n=3"],
+     "is not divisible by training.mini_batches=2"),
     # accepted by the type, but there is no critic to give GAE its values
     (["algorithm.advantage_estimator=gae"], "advantage_estimator (adv_estimator) cannot be gae: "
                                             "GAE needs a critic"),

@@ -46,7 +46,8 @@ def test_two_nodes_match_one_node(tmp_path, layout):
     launch_two_nodes(job(tmp_path / "two", tmp_path / "cache", layout))
     run_torchrun(job(tmp_path / "one", tmp_path / "cache", layout)[0], 2,
                  job(tmp_path / "one", tmp_path / "cache", layout)[1:])
-    two, one = rewards(tmp_path / "two" / "metrics.jsonl"), rewards(tmp_path / "one" / "metrics.jsonl")
+    two, one = (rewards(tmp_path / "two" / "metrics.jsonl"),
+                rewards(tmp_path / "one" / "metrics.jsonl"))
     assert len(two) == 2 and two == one
 
 

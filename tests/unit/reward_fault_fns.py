@@ -1,4 +1,5 @@
-"""Reward functions with faults, for the RewardPool tests (spawned workers import them by module path)."""
+"""Reward functions with faults, for the RewardPool tests (spawned workers import them by module
+path)."""
 import time
 
 

@@ -77,7 +77,8 @@ def test_demonstrations_are_diverse_training_problems_that_slip_as_configured():
 
 
 def test_task_from_config_scores_with_its_verifier():
-    cfg = load_config(None, ["data.task=clock_walk", "data.eval_prompts=500", "model.vocab_size=20"])
+    cfg = load_config(None, ["data.task=clock_walk", "data.eval_prompts=500",
+                             "model.vocab_size=20"])
     task = build_task(cfg)
     tok = CharTokenizer()
     assert len(task.eval_prompts) == 500

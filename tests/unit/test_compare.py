@@ -115,7 +115,8 @@ def test_aggregates_laws_prefix_and_checks(tmp_path):
         assert agg["max"] - agg["min"] < 1e-9
     assert grpo["aggregate"]["prefix_rmse"]["max"] < 1e-9
     pooled = grpo["pooled_law"]
-    assert (pooled["a"], pooled["b"], pooled["r2"]) == pytest.approx((GRPO_A, GRPO_B, 1.0), abs=1e-9)
+    assert ((pooled["a"], pooled["b"], pooled["r2"])
+            == pytest.approx((GRPO_A, GRPO_B, 1.0), abs=1e-9))
     assert pooled["num_points"] == 3 * STEPS // EVAL_EVERY
     # Clip-Cov: its first third (3 evals) is exactly on R = -0.2 e^H + 1.1 and the other 7 sit
     # 0.05 above, so the prefix fit's RMSE on them is 0.05
@@ -136,7 +137,8 @@ def test_aggregates_laws_prefix_and_checks(tmp_path):
     assert checks["grpo_law"]["pass"] is True
     diff = checks["clip_cov_minus_grpo_final_accuracy"]
     cc_final_acc = [-CC_A * math.exp(entropy(STEPS, 0.5, s)) + CC_B + CC_SHIFT for s in SEEDS]
-    assert diff["difference_of_means"] == pytest.approx(np.mean(cc_final_acc) - np.mean(grpo_final_acc))
+    assert diff["difference_of_means"] == pytest.approx(np.mean(cc_final_acc)
+                                                        - np.mean(grpo_final_acc))
     assert_spread(diff["paired_difference"], np.subtract(cc_final_acc, grpo_final_acc))
     assert diff["paired_seeds"] == [0, 1, 2]
 
@@ -193,7 +195,8 @@ def test_bands_skipped_runs_and_config_warnings(tmp_path):
     b = band([s.run for s in methods[0].seeds], "entropy")
     assert list(b.steps) == list(range(1, STEPS + 1))
     assert list(b.count) == [2] * 12 + [1] * (STEPS - 12)
-    assert b.low[0] == pytest.approx(entropy(1, 0.1, 0)) and b.high[0] == pytest.approx(entropy(1, 0.1, 1))
+    assert (b.low[0] == pytest.approx(entropy(1, 0.1, 0))
+            and b.high[0] == pytest.approx(entropy(1, 0.1, 1)))
     assert b.mean[20] == pytest.approx(entropy(21, 0.1, 0))  # seed 1 stopped at step 12
 
 

@@ -50,11 +50,13 @@ def test_prediction_error_is_second_order(step_rule):
         dz = step_rule(logits, advantage, eta)
         probe = probe_entropy_dynamics(logits, logits + dz)
         # both sides against float64 references written out here
-        torch.testing.assert_close(probe.actual, reference_entropy(logits + dz) - reference_entropy(logits),
+        torch.testing.assert_close(probe.actual,
+                                   reference_entropy(logits + dz) - reference_entropy(logits),
                                    rtol=1e-9, atol=1e-13)
         torch.testing.assert_close(probe.predicted, -reference_covariance(logits, dz),
                                    rtol=1e-9, atol=1e-13)
-        relative_errors.append(((probe.actual - probe.predicted).abs() / probe.predicted.abs()).max().item())
+        relative_errors.append(((probe.actual - probe.predicted).abs()
+                                / probe.predicted.abs()).max().item())
     # error / prediction shrinks linearly with eta: x10 per decade, within a loose band
     for coarse, fine in zip(relative_errors, relative_errors[1:]):
         assert 7.0 < coarse / fine < 13.0, relative_errors
@@ -93,9 +95,11 @@ def test_temperature_and_vocab_padding():
     before = torch.cat([logits, padding], -1)
     after = torch.cat([logits + eta * advantage, padding + 5.0], -1)
     probe = probe_entropy_dynamics(before, after, temperature, vocab_size=VOCAB)
-    torch.testing.assert_close(probe.predicted, -reference_covariance(logits, eta * advantage / temperature,
-                                                                      temperature), rtol=1e-9, atol=1e-13)
-    torch.testing.assert_close(probe.actual, reference_entropy(logits + eta * advantage, temperature)
+    torch.testing.assert_close(probe.predicted,
+                               -reference_covariance(logits, eta * advantage / temperature,
+                                                     temperature), rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(probe.actual,
+                               reference_entropy(logits + eta * advantage, temperature)
                                - reference_entropy(logits, temperature), rtol=1e-9, atol=1e-13)
     assert ((probe.actual - probe.predicted).abs() / probe.predicted.abs()).max() < 2e-2
     assert probe.metrics["probe/slope"] == pytest.approx(1.0, abs=2e-2)
@@ -112,7 +116,8 @@ def test_float32_and_bfloat16_logits_track_the_prediction():
         assert probe.metrics["probe/correlation"] > 0.99
         # the exact first-order term of the rounded logits
         dz = after.double() - before.double()
-        torch.testing.assert_close(probe.predicted.double(), -reference_covariance(before.double(), dz),
+        torch.testing.assert_close(probe.predicted.double(),
+                                   -reference_covariance(before.double(), dz),
                                    rtol=tolerance, atol=tolerance * 1e-2)
 
 

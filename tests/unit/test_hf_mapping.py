@@ -20,7 +20,8 @@ CFG = ModelConfig(arch="qwen2", num_layers=2, hidden_size=32, ffn_hidden_size=48
 
 def random_hf_tensors(cfg, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(shape, generator=g) for name, shape in expected_hf_shapes(cfg).items()}
+    return {name: torch.randn(shape, generator=g)
+            for name, shape in expected_hf_shapes(cfg).items()}
 
 
 def megatron_names(cfg, te_names=False):
@@ -72,7 +73,8 @@ def test_fused_layouts_are_megatrons():
     qb, kb, vb = (hf[p + f"self_attn.{x}_proj.bias"].view(-1, 8) for x in "qkv")
     assert torch.equal(bias, torch.cat([qb[0], qb[1], kb[0], vb[0], qb[2], qb[3], kb[1], vb[1]]))
     fc1 = megatron_tensor_from_hf("decoder.layers.1.mlp.linear_fc1.weight", hf.__getitem__, CFG)
-    assert torch.equal(fc1, torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]))
+    assert torch.equal(fc1, torch.cat([hf[p + "mlp.gate_proj.weight"],
+                                       hf[p + "mlp.up_proj.weight"]]))
     embedding = megatron_tensor_from_hf("embedding.word_embeddings.weight", hf.__getitem__, CFG)
     assert torch.equal(embedding, hf["model.embed_tokens.weight"])  # padding: the converter's
 
@@ -112,7 +114,8 @@ def test_config_round_trip_and_rope_settings():
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}},
      "low_freq_factor=2.0"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"num_attention_heads": 5}, "num_attention_heads=5 is not divisible by model.num_query_groups"),
+    ({"num_attention_heads": 5},
+     "num_attention_heads=5 is not divisible by model.num_query_groups"),
 ])
 def test_config_refusals_name_the_field(change, message):
     with pytest.raises(ConversionError, match="my/config.json") as excinfo:
@@ -164,7 +167,8 @@ def test_import_refusals(tmp_path, monkeypatch):
         prepare_import(str(missing_shard), str(tmp_path / "out"), tp=1, pp=1)
 
     wrong_shape = tmp_path / "wrong_shape"
-    write_hf_folder(wrong_shape, CFG, {**hf, "model.layers.1.mlp.up_proj.weight": torch.zeros(40, 32)})
+    write_hf_folder(wrong_shape, CFG,
+                    {**hf, "model.layers.1.mlp.up_proj.weight": torch.zeros(40, 32)})
     with pytest.raises(ConversionError, match=r"model.layers.1.mlp.up_proj.weight has shape "
                                               r"\(40, 32\), the config implies \(48, 32\)"):
         prepare_import(str(wrong_shape), str(tmp_path / "out"), tp=1, pp=1)

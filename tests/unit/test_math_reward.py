@@ -1,4 +1,5 @@
-"""math-verify rewards, the fault-tolerant RewardPool, and loading reward functions by import path."""
+"""math-verify rewards, the fault-tolerant RewardPool, and loading reward functions by import
+path."""
 import time
 
 import pytest
@@ -35,10 +36,13 @@ def test_math_reward(response, answer, reward):
 def test_load_reward_fn_builtins_and_allow_list():
     assert load_reward_fn("math") is math_reward
     assert load_reward_fn("exact") is exact_answer_reward
-    assert load_reward_fn("reward_fault_fns:length_reward", ["reward_fault_fns"]) is reward_fault_fns.length_reward
+    assert load_reward_fn("reward_fault_fns:length_reward",
+                          ["reward_fault_fns"]) is reward_fault_fns.length_reward
     # A submodule of an allowed package is allowed; a sibling package with a common prefix is not.
-    assert load_reward_fn("megatron_rl.rewards.math:math_reward", ["megatron_rl.rewards"]) is math_reward
-    with pytest.raises(PermissionError, match="module 'megatron_rl.rewards_evil' is not in reward.allowed_modules"):
+    assert load_reward_fn("megatron_rl.rewards.math:math_reward",
+                          ["megatron_rl.rewards"]) is math_reward
+    with pytest.raises(PermissionError,
+                       match="module 'megatron_rl.rewards_evil' is not in reward.allowed_modules"):
         load_reward_fn("megatron_rl.rewards_evil:f", ["megatron_rl.rewards"])
     with pytest.raises(PermissionError, match="module 'os' is not in reward.allowed_modules"):
         load_reward_fn("os:system", ["reward_fault_fns"])
@@ -53,7 +57,8 @@ def test_load_reward_fn_builtins_and_allow_list():
 def test_pool_normal_rewards_in_order():
     pairs = [("a" * i, "") for i in range(7)]
     with RewardPool(reward_fault_fns.length_reward, num_workers=2, timeout_s=5.0) as pool:
-        assert pool.score(pairs) == ([float(i) for i in range(7)], {"timeout": 0, "error": 0, "memory": 0})
+        assert pool.score(pairs) == ([float(i) for i in range(7)],
+                                     {"timeout": 0, "error": 0, "memory": 0})
         assert pool.score([]) == ([], {"timeout": 0, "error": 0, "memory": 0})
 
 
@@ -67,7 +72,8 @@ def test_pool_hung_check_times_out_and_worker_is_replaced():
     with RewardPool(reward_fault_fns.hang_on_hang, num_workers=2, timeout_s=1.0) as pool:
         start = time.monotonic()
         rewards, counts = pool.score([("ok", ""), ("hang", ""), ("ok", ""), ("ok", "")])
-        assert time.monotonic() - start < 15  # not the 60 s sleep; includes the replacement's start-up
+        # not the 60 s sleep; includes the replacement's start-up
+        assert time.monotonic() - start < 15
         assert rewards == [1.0, 0.0, 1.0, 1.0]
         assert counts == {"timeout": 1, "error": 0, "memory": 0}
         # The replacement worker serves the next step.
@@ -83,7 +89,8 @@ def test_pool_raising_check_is_counted_and_logged(caplog):
 
 
 def test_pool_memory_limit():
-    with RewardPool(reward_fault_fns.allocate_on_big, num_workers=1, timeout_s=10.0, memory_limit_mb=256) as pool:
+    with RewardPool(reward_fault_fns.allocate_on_big, num_workers=1, timeout_s=10.0,
+                    memory_limit_mb=256) as pool:
         rewards, counts = pool.score([("big", ""), ("ok", "")])
     assert rewards == [0.0, 1.0]
     assert counts == {"timeout": 0, "error": 0, "memory": 1}

@@ -102,7 +102,8 @@ def test_logits_match_float64_reference(arch, tied, head_dim):
                 p.normal_(0, 0.1)
             if n.endswith("q_layernorm.weight") or n.endswith("k_layernorm.weight"):
                 p.uniform_(0.5, 1.5)
-    tokens = torch.randint(0, cfg.model.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, cfg.model.vocab_size, (1, 12),
+                           generator=torch.Generator().manual_seed(1))
     pos = torch.arange(12).unsqueeze(0)
     got = model(tokens, pos, None).detach()[0].double()
     want = reference_logits(model, cfg, tokens[0])

@@ -47,8 +47,10 @@ def check_logprobs_entropy(logits, target, temperature, vocab_size=None):
     grad_h = torch.randn(target.shape, generator=g)
 
     x = logits.clone().requires_grad_(True)
-    logprobs, entropy = vocab_parallel_logprobs_entropy(x, target, temperature, vocab_size=vocab_size)
-    assert logprobs.dtype == entropy.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    logprobs, entropy = vocab_parallel_logprobs_entropy(x, target, temperature,
+                                                        vocab_size=vocab_size)
+    assert logprobs.dtype == entropy.dtype == (torch.float64 if dtype == torch.float64
+                                               else torch.float32)
     (grad_lp.to(logprobs.dtype) * logprobs + grad_h.to(entropy.dtype) * entropy).sum().backward()
 
     x64 = logits.detach().double().requires_grad_(True)
@@ -122,19 +124,24 @@ def test_gradcheck_float64(backend):
     target = torch.tensor([0, 6, 3])
     for temperature, vocab_size in ((1.0, None), (0.7, 6)):
         assert torch.autograd.gradcheck(
-            lambda x: vocab_parallel_logprobs_entropy(x, target, temperature, vocab_size=vocab_size),
+            lambda x: vocab_parallel_logprobs_entropy(x, target, temperature,
+                                                      vocab_size=vocab_size),
             (logits,), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype,delta_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
-                                               (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("dtype,delta_dtype", [(torch.float32, torch.float32),
+                                               (torch.float64, torch.float64),
+                                               (torch.bfloat16, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16)])
 def test_covariance_matches_float64(backend, dtype, delta_dtype):
     logits = make_logits((9, 333), dtype, seed=10)
     g = torch.Generator().manual_seed(11)
     delta = (torch.randn(9, 333, generator=g) + 0.3 * logits.float().clamp(min=-10)).to(delta_dtype)
     for temperature, vocab_size in ((1.0, None), (0.6, 300)):
-        cov, mean_delta = vocab_parallel_covariance(logits, delta, temperature, vocab_size=vocab_size)
-        ref_cov, ref_mean = dense_covariance(logits.double(), delta.double(), temperature, vocab_size)
+        cov, mean_delta = vocab_parallel_covariance(logits, delta, temperature,
+                                                    vocab_size=vocab_size)
+        ref_cov, ref_mean = dense_covariance(logits.double(), delta.double(), temperature,
+                                             vocab_size)
         tol = 1e-10 if dtype == torch.float64 else 2e-5
         torch.testing.assert_close(cov.double(), ref_cov, rtol=tol, atol=tol)
         torch.testing.assert_close(mean_delta.double(), ref_mean, rtol=tol, atol=tol)
@@ -184,7 +191,8 @@ def test_output_layer_gradcheck(backend):
     weight = torch.randn(9, 3, generator=g, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([0, 8, 4, 7])
     assert torch.autograd.gradcheck(
-        lambda h, w: output_layer_logprobs_entropy(h, w, target, 1.3, vocab_size=8, token_chunk=3, vocab_chunk=4),
+        lambda h, w: output_layer_logprobs_entropy(h, w, target, 1.3, vocab_size=8, token_chunk=3,
+                                                   vocab_chunk=4),
         (hidden, weight), eps=1e-6, atol=1e-7)
 
 
@@ -204,7 +212,8 @@ FALLBACK_SCRIPT = r"""
 import sys
 sys.modules["megatron_rl._C"] = None  # makes `from megatron_rl import _C` raise ImportError
 import torch
-from megatron_rl.ops import vocab_parallel, vocab_parallel_logprobs_entropy, vocab_parallel_covariance
+from megatron_rl.ops import (vocab_parallel, vocab_parallel_logprobs_entropy,
+                             vocab_parallel_covariance)
 from megatron_rl.ops.reference import dense_logprobs_entropy, dense_covariance
 assert vocab_parallel.phase_ops(torch.device("cpu")) is vocab_parallel._REFERENCE_OPS
 logits = torch.randn(5, 77, dtype=torch.float64) * 2
@@ -217,15 +226,16 @@ rlp, rh = dense_logprobs_entropy(x64, target, 0.9)
 (rlp + rh).sum().backward()
 torch.testing.assert_close((lp, h, x.grad), (rlp, rh, x64.grad), rtol=1e-10, atol=1e-12)
 delta = torch.randn(5, 77, dtype=torch.float64)
-torch.testing.assert_close(vocab_parallel_covariance(logits, delta, 0.9), dense_covariance(logits, delta, 0.9))
+torch.testing.assert_close(vocab_parallel_covariance(logits, delta, 0.9),
+                           dense_covariance(logits, delta, 0.9))
 print("fallback ok")
 """
 
 
 def test_reference_fallback_when_extension_missing():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "fallback ok" in proc.stdout, proc.stdout + proc.stderr
     # one line, logged (stderr) at import
     messages = [line for line in proc.stderr.splitlines() if "megatron_rl._C" in line]
@@ -243,10 +253,12 @@ def test_16bit_conversions_match_torch(dtype):
     # Stores (round to nearest even, subnormals, overflow): with one column, logit 0, lse 0 and
     # the target elsewhere, p = 1 and the gradient is exactly -grad_logprob, rounded to dtype.
     g = torch.Generator().manual_seed(16)
-    wanted = torch.cat([torch.randn(20000, generator=g) * 10.0 ** torch.randint(-9, 6, (20000,), generator=g),
-                        values.squeeze(-1).float()[::7] * (1 + 2.0 ** -11), torch.tensor([65519.0, 65520.0, 7e4])])
+    wanted = torch.cat([torch.randn(20000, generator=g)
+                        * 10.0 ** torch.randint(-9, 6, (20000,), generator=g),
+                        values.squeeze(-1).float()[::7] * (1 + 2.0 ** -11),
+                        torch.tensor([65519.0, 65520.0, 7e4])])
     rows = wanted.numel()
     zeros = torch.zeros(rows)
-    grad = ops.logprob_entropy_backward(torch.zeros(rows, 1, dtype=dtype), torch.full((rows,), -1), zeros, zeros,
-                                        -wanted, zeros, 1.0, 0, 1)
+    grad = ops.logprob_entropy_backward(torch.zeros(rows, 1, dtype=dtype), torch.full((rows,), -1),
+                                        zeros, zeros, -wanted, zeros, 1.0, 0, 1)
     assert torch.equal(grad.squeeze(-1), wanted.to(dtype))

@@ -42,7 +42,8 @@ def make_run(root, name, loss_mode, entropy_floor, steps=60, seed=0, probe=False
         actual = predicted * 0.9 + torch.tensor(rng.normal(0, 1e-4, 300))
         save_probe(run_dir, 10, EntropyProbe(actual=actual, predicted=predicted,
                                              entropy_before=torch.ones(300),
-                                             metrics={"probe/correlation": 0.99, "probe/slope": 0.9}))
+                                             metrics={"probe/correlation": 0.99,
+                                                      "probe/slope": 0.9}))
     return run_dir
 
 
@@ -71,8 +72,10 @@ def test_law_panel_draws_the_fit_and_its_ceiling(tmp_path):
     run = read_run(make_run(str(tmp_path), "grpo", "ppo_clip", 0.2))
     fig, ax = plt.subplots()
     draw_law(ax, [run])
-    entropy = np.array([r["entropy"] for r in run.records if "entropy" in r and "eval_accuracy" in r])
-    accuracy = np.array([r["eval_accuracy"] for r in run.records if "entropy" in r and "eval_accuracy" in r])
+    entropy = np.array([r["entropy"] for r in run.records
+                        if "entropy" in r and "eval_accuracy" in r])
+    accuracy = np.array([r["eval_accuracy"] for r in run.records
+                         if "entropy" in r and "eval_accuracy" in r])
     fit = fit_entropy_law(entropy, accuracy)
     lines = {line.get_label(): line for line in ax.get_lines()}
     curve = next(line for label, line in lines.items() if label.startswith("GRPO: R ="))
@@ -87,7 +90,8 @@ def test_law_panel_draws_the_fit_and_its_ceiling(tmp_path):
 def test_comparison_of_three_methods(tmp_path):
     dirs = [make_run(str(tmp_path), name, mode, floor, seed=i)
             for i, (name, mode, floor) in enumerate(
-                [("grpo", "ppo_clip", 0.1), ("clipcov", "clip_cov", 0.5), ("klcov", "kl_cov", 0.6)])]
+                [("grpo", "ppo_clip", 0.1), ("clipcov", "clip_cov", 0.5),
+                 ("klcov", "kl_cov", 0.6)])]
     runs = read_runs(dirs)
     assert [r.label for r in runs] == ["GRPO", "Clip-Cov", "KL-Cov"]
     out = plot_runs(runs, str(tmp_path / "compare.png"))

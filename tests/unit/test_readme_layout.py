@@ -41,7 +41,8 @@ def test_every_package_module_tool_and_doc_is_listed():
         if name.startswith(("_", ".")) or name == "__pycache__":
             continue
         if os.path.isdir(full):
-            assert f"megatron_rl/{name}/" in listed, f"README layout: no row for megatron_rl/{name}/"
+            assert f"megatron_rl/{name}/" in listed, (
+                f"README layout: no row for megatron_rl/{name}/")
         elif name.endswith(".py"):
             assert f"megatron_rl/{name}" in listed or f"`{name}`" in mentioned, (
                 f"README layout: megatron_rl/{name} is not listed")

@@ -35,7 +35,8 @@ def test_greedy_and_avg_at_k():
     assert metrics["eval_accuracy"] == 2 / 3  # prompts 0 and 2
     assert metrics["eval_avg@4"] == (1 + 2 + 3) / 12
     greedy, sampled = engine.calls
-    assert (greedy.temperature, greedy.n, greedy.max_new_tokens, tuple(greedy.stop_token_ids)) == (0.0, 1, 4, (2,))
+    assert (greedy.temperature, greedy.n, greedy.max_new_tokens,
+            tuple(greedy.stop_token_ids)) == (0.0, 1, 4, (2,))
     assert (sampled.temperature, sampled.n) == (0.6, 4)
     assert evaluate(ScriptedEngine(), prompts, decode=lambda ids: str(ids[0]), score=score,
                     max_new_tokens=4) == {"eval_accuracy": 2 / 3}

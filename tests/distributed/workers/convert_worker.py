@@ -40,7 +40,8 @@ def check(checkpoint_dir, reference_path, layout):
     reference = torch.load(reference_path)
     with torch.no_grad():
         # one micro-batch per sequence, so that PP passes activations between the stages
-        logits = gathered_logits(model, [SimpleNamespace(tokens=t[None]) for t in reference["tokens"]])
+        logits = gathered_logits(model, [SimpleNamespace(tokens=t[None])
+                                         for t in reference["tokens"]])
     if logits is None:  # not the last pipeline stage
         return None
     got, want = logits[..., : cfg.vocab_size], reference["logits"]

@@ -7,13 +7,14 @@ process's too; the reference equals the initial policy and does not move (skippe
 LONG_SEQUENCE).
 
 Run under torchrun (gloo): `worker.py CKPT_DIR LAYOUT [LAYOUT ...]` (TIE_EMBEDDINGS=1 for
-tied input/output embeddings, which PP keeps in sync across the first and last stages), a layout being e.g.
-"tp2", "pp2", "dp2", "tp2dp2", "tp2pp2"; "sp" adds sequence parallelism, "rc" full activation
-recomputation ("tp2sprc"). LONG_SEQUENCE=N runs one batch of 2 sequences of N tokens with a
-2-layer, 2-head model instead of the default batch (the long-response setting). The reference is computed first in the layout
-"dp<world>" with every rank fed the whole batch: DDP then averages identical gradients, which is
-exactly the single-process result. Set BREAK_TP_MAPPING=1 to replace megatron's TP all-reduce with
-the identity: the checks must then fail (tests/distributed/test_megatron_layouts.py checks that).
+tied input/output embeddings, which PP keeps in sync across the first and last stages), a layout
+being e.g. "tp2", "pp2", "dp2", "tp2dp2", "tp2pp2"; "sp" adds sequence parallelism, "rc" full
+activation recomputation ("tp2sprc"). LONG_SEQUENCE=N runs one batch of 2 sequences of N tokens
+with a 2-layer, 2-head model instead of the default batch (the long-response setting). The
+reference is computed first in the layout "dp<world>" with every rank fed the whole batch: DDP
+then averages identical gradients, which is exactly the single-process result. Set
+BREAK_TP_MAPPING=1 to replace megatron's TP all-reduce with the identity: the checks must then
+fail (tests/distributed/test_megatron_layouts.py checks that).
 """
 import os
 import re

@@ -17,7 +17,8 @@ from megatron_rl.ops import vocab_parallel_covariance, vocab_parallel_logprobs_e
 from megatron_rl.ops.reference import dense_covariance, dense_logprobs_entropy  # noqa: E402
 
 OUTPUT_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-5}
-GRAD_TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-4, 2e-6), torch.bfloat16: (1e-2, 1e-4)}
+GRAD_TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-4, 2e-6),
+            torch.bfloat16: (1e-2, 1e-4)}
 
 
 def global_logits(leading, vocab_padded, dtype, seed):
@@ -38,7 +39,8 @@ def check_logprobs_entropy(name, full, target, temperature, vocab_size, group, r
     grad_h = torch.randn(target.shape, generator=g)
 
     x = local_shard(full, rank, world).requires_grad_(True)
-    logprobs, entropy = vocab_parallel_logprobs_entropy(x, target, temperature, group, vocab_size=vocab_size)
+    logprobs, entropy = vocab_parallel_logprobs_entropy(x, target, temperature, group,
+                                                        vocab_size=vocab_size)
     (grad_lp.to(logprobs.dtype) * logprobs + grad_h.to(entropy.dtype) * entropy).sum().backward()
 
     full64 = full.double().requires_grad_(True)
@@ -46,20 +48,26 @@ def check_logprobs_entropy(name, full, target, temperature, vocab_size, group, r
     (grad_lp.double() * ref_lp + grad_h.double() * ref_h).sum().backward()
 
     tol = OUTPUT_TOL[dtype]
-    torch.testing.assert_close(logprobs.double(), ref_lp, rtol=tol, atol=tol, msg=lambda m: f"{name} logprobs: {m}")
-    torch.testing.assert_close(entropy.double(), ref_h, rtol=tol, atol=tol, msg=lambda m: f"{name} entropy: {m}")
+    torch.testing.assert_close(logprobs.double(), ref_lp, rtol=tol, atol=tol,
+                               msg=lambda m: f"{name} logprobs: {m}")
+    torch.testing.assert_close(entropy.double(), ref_h, rtol=tol, atol=tol,
+                               msg=lambda m: f"{name} entropy: {m}")
     rtol, atol = GRAD_TOL[dtype]
-    torch.testing.assert_close(x.grad.double(), local_shard(full64.grad, rank, world), rtol=rtol, atol=atol,
-                               msg=lambda m: f"{name} grad: {m}")
+    torch.testing.assert_close(x.grad.double(), local_shard(full64.grad, rank, world), rtol=rtol,
+                               atol=atol, msg=lambda m: f"{name} grad: {m}")
 
 
 def check_covariance(name, full, delta_full, temperature, vocab_size, group, rank, world):
-    cov, mean_delta = vocab_parallel_covariance(local_shard(full, rank, world), local_shard(delta_full, rank, world),
+    cov, mean_delta = vocab_parallel_covariance(local_shard(full, rank, world),
+                                                local_shard(delta_full, rank, world),
                                                 temperature, group, vocab_size=vocab_size)
-    ref_cov, ref_mean = dense_covariance(full.double(), delta_full.double(), temperature, vocab_size)
+    ref_cov, ref_mean = dense_covariance(full.double(), delta_full.double(), temperature,
+                                         vocab_size)
     tol = OUTPUT_TOL[full.dtype]
-    torch.testing.assert_close(cov.double(), ref_cov, rtol=tol, atol=tol, msg=lambda m: f"{name} cov: {m}")
-    torch.testing.assert_close(mean_delta.double(), ref_mean, rtol=tol, atol=tol, msg=lambda m: f"{name} mean: {m}")
+    torch.testing.assert_close(cov.double(), ref_cov, rtol=tol, atol=tol,
+                               msg=lambda m: f"{name} cov: {m}")
+    torch.testing.assert_close(mean_delta.double(), ref_mean, rtol=tol, atol=tol,
+                               msg=lambda m: f"{name} mean: {m}")
 
 
 def check_output_layer(name, dtype, group, rank, world):
@@ -73,20 +81,24 @@ def check_output_layer(name, dtype, group, rank, world):
 
     h = hidden.clone().requires_grad_(True)
     w = local_shard(weight.t(), rank, world).t().contiguous().requires_grad_(True)
-    logprobs, entropy = output_layer_logprobs_entropy(h, w, target, 0.9, group, vocab_size=vocab_size,
-                                                      token_chunk=8, vocab_chunk=40)
+    logprobs, entropy = output_layer_logprobs_entropy(h, w, target, 0.9, group,
+                                                      vocab_size=vocab_size, token_chunk=8,
+                                                      vocab_chunk=40)
     (grad_lp.to(logprobs.dtype) * logprobs + grad_h.to(entropy.dtype) * entropy).sum().backward()
 
     h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
     ref_lp, ref_h = dense_logprobs_entropy(h64 @ w64.t(), target, 0.9, vocab_size)
     (grad_lp.double() * ref_lp + grad_h.double() * ref_h).sum().backward()
     tol = OUTPUT_TOL[dtype]
-    torch.testing.assert_close(logprobs.double(), ref_lp, rtol=tol, atol=tol, msg=lambda m: f"{name} logprobs: {m}")
-    torch.testing.assert_close(entropy.double(), ref_h, rtol=tol, atol=tol, msg=lambda m: f"{name} entropy: {m}")
+    torch.testing.assert_close(logprobs.double(), ref_lp, rtol=tol, atol=tol,
+                               msg=lambda m: f"{name} logprobs: {m}")
+    torch.testing.assert_close(entropy.double(), ref_h, rtol=tol, atol=tol,
+                               msg=lambda m: f"{name} entropy: {m}")
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=10 * tol, atol=10 * tol,
                                msg=lambda m: f"{name} grad_hidden: {m}")
-    torch.testing.assert_close(w.grad.double(), local_shard(w64.grad.t(), rank, world).t(), rtol=10 * tol,
-                               atol=10 * tol, msg=lambda m: f"{name} grad_weight: {m}")
+    torch.testing.assert_close(w.grad.double(), local_shard(w64.grad.t(), rank, world).t(),
+                               rtol=10 * tol, atol=10 * tol,
+                               msg=lambda m: f"{name} grad_weight: {m}")
 
 
 def run_checks(group, rank, world, label):
@@ -98,7 +110,8 @@ def run_checks(group, rank, world, label):
     full[4, :37] = float("-inf")
     target[4] = 50
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        check_logprobs_entropy(f"{label} odd-shard {dtype}", full.to(dtype), target, 0.7, None, group, rank, world)
+        check_logprobs_entropy(f"{label} odd-shard {dtype}", full.to(dtype), target, 0.7, None,
+                               group, rank, world)
     # Padded vocabulary (megatron pads to a multiple of 128 * TP) in the sequence-parallel layout
     # [s, b, V_local]: 97 real columns, rank 1 holds 47 of them and 3 padding columns.
     full = global_logits((3, 4), 100, torch.float32, seed=3)
@@ -106,11 +119,13 @@ def run_checks(group, rank, world, label):
     target = torch.randint(0, 97, (3, 4), generator=torch.Generator().manual_seed(4))
     check_logprobs_entropy(f"{label} padded", full, target, 1.6, 97, group, rank, world)
     # Padding that covers all of rank 1's columns.
-    check_logprobs_entropy(f"{label} padded-rank", full, target.clamp(max=44), 1.0, 45, group, rank, world)
+    check_logprobs_entropy(f"{label} padded-rank", full, target.clamp(max=44), 1.0, 45, group,
+                           rank, world)
 
     delta = torch.randn(3, 4, 100, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     check_covariance(f"{label} covariance", full, delta.float(), 0.8, 97, group, rank, world)
-    check_covariance(f"{label} covariance-bf16", full.to(torch.bfloat16), delta.float(), 1.0, None, group, rank, world)
+    check_covariance(f"{label} covariance-bf16", full.to(torch.bfloat16), delta.float(), 1.0, None,
+                     group, rank, world)
 
     check_output_layer(f"{label} output-layer fp64", torch.float64, group, rank, world)
     check_output_layer(f"{label} output-layer fp32", torch.float32, group, rank, world)
@@ -120,8 +135,8 @@ def run_checks(group, rank, world, label):
     full = global_logits((3,), 2 * 5, torch.float64, seed=6).clamp(min=-5).requires_grad_(True)
     target = torch.tensor([0, 7, 4])
     assert torch.autograd.gradcheck(
-        lambda x: vocab_parallel_logprobs_entropy(_ShardOfReplicated.apply(x, group), target, 0.9, group,
-                                                  vocab_size=9),
+        lambda x: vocab_parallel_logprobs_entropy(_ShardOfReplicated.apply(x, group), target, 0.9,
+                                                  group, vocab_size=9),
         (full,), eps=1e-6, atol=1e-7), f"{label} gradcheck"
 
 

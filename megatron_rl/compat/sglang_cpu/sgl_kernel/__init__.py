@@ -17,7 +17,8 @@ _SUBMODULES = ("kvcacheio", "flash_attn", "quantization", "mamba", "allreduce")
 def _missing_kernel(qualified_name):
     def kernel(*_args, **_kwargs):
         raise RuntimeError(f"{qualified_name} is a CUDA kernel of sgl_kernel; this CPU-only SGLang "
-                           f"install has a stand-in (megatron_rl/compat/sglang_cpu) that cannot run it")
+                           f"install has a stand-in (megatron_rl/compat/sglang_cpu) that cannot "
+                           "run it")
     kernel.__name__ = qualified_name.rsplit(".", 1)[-1]
     kernel.__qualname__ = qualified_name
     return kernel
