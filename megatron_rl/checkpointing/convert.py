@@ -464,7 +464,8 @@ def _plan_shards(reader: MegatronCheckpointReader, cfg: ModelConfig, dtype: Opti
 def _write_hf_config(reader_dir: str, out_dir: str, cfg: ModelConfig,
                      dtype: Optional[str]) -> None:
     """The source folder's config.json, tokenizer and other files as they were; config.json made
-    from the ModelConfig when there is no source folder, its dtype updated when tensors were cast."""
+    from the ModelConfig when there is no source folder, its dtype updated when tensors were
+    cast."""
     hf_files = os.path.join(reader_dir, HF_FILES_DIR)
     if os.path.isdir(hf_files):
         _copy_non_weight_files(hf_files, out_dir)

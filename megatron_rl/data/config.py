@@ -18,7 +18,8 @@ class DataConfig:
     answer_key: str = "reward_model.ground_truth"  # dotted path into nested fields
     tokenizer_dir: Optional[str] = None
     max_prompt_tokens: int = 1024
-    on_invalid: Literal["error", "skip"] = "error"  # bad rows: stop naming the row, or count and skip
+    # bad rows: stop naming the row, or count and skip
+    on_invalid: Literal["error", "skip"] = "error"
     apply_chat_template: bool = True
     digits: int = 2  # operand digits of the addition task
     walk_steps: int = 5  # digits a clock_walk response adds (5 tokens each)

@@ -48,7 +48,8 @@ class PromptDataset:
             return cached[1]
         # torch's CPU generator keeps only the low 32 bits of a seed, so (seed, epoch) is hashed
         # into 32 bits rather than packed into one 64-bit number.
-        mixed = int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=4).digest(), "little")
+        mixed = int.from_bytes(
+            hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=4).digest(), "little")
         generator = torch.Generator().manual_seed(mixed)
         order = torch.randperm(len(self.examples), generator=generator).tolist()
         self._order_cache = ((seed, epoch), order)
@@ -60,7 +61,8 @@ class PromptDataset:
         if not self.examples:
             raise DataError(f"{self.source}: no usable prompts")
         if step < 0 or count < 1:
-            raise ValueError(f"batch needs step >= 0 and count >= 1, got step={step}, count={count}")
+            raise ValueError(f"batch needs step >= 0 and count >= 1, "
+                             f"got step={step}, count={count}")
         size = len(self.examples)
         out = []
         for position in range(step * count, (step + 1) * count):
@@ -74,7 +76,8 @@ def load_tokenizer(model_dir: str | os.PathLike):
     from transformers import AutoTokenizer
 
     if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"tokenizer folder {model_dir} does not exist (only local folders are supported)")
+        raise FileNotFoundError(f"tokenizer folder {model_dir} does not exist "
+                                "(only local folders are supported)")
     return AutoTokenizer.from_pretrained(os.fspath(model_dir), local_files_only=True)
 
 
@@ -102,7 +105,8 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                yield f"line {line_number}", _RowError("malformed", f"malformed JSON ({e.msg} at column {e.colno})")
+                yield f"line {line_number}", _RowError(
+                    "malformed", f"malformed JSON ({e.msg} at column {e.colno})")
                 continue
             yield f"line {line_number}", row
 
@@ -141,7 +145,8 @@ def _lookup(row: dict, key: str) -> Any:
 def _answer_text(row: dict, answer_key: str) -> str:
     answer = _lookup(row, answer_key)
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-        raise _RowError("invalid_field", f"field '{answer_key}' must be a string or number, got {type(answer).__name__}")
+        raise _RowError("invalid_field", f"field '{answer_key}' must be a string or number, "
+                                         f"got {type(answer).__name__}")
     answer = str(answer)
     if not answer.strip():
         raise _RowError("invalid_field", f"field '{answer_key}' is empty")
@@ -155,10 +160,13 @@ def _chat_messages(prompt: Any, prompt_key: str) -> list[dict] | None:
             raise _RowError("empty_prompt", f"field '{prompt_key}' is empty")
         return None
     if not isinstance(prompt, list):
-        raise _RowError("invalid_field", f"field '{prompt_key}' must be a string or a list of chat messages, got {type(prompt).__name__}")
+        raise _RowError("invalid_field", f"field '{prompt_key}' must be a string or a list of "
+                                         f"chat messages, got {type(prompt).__name__}")
     for i, message in enumerate(prompt):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
-            raise _RowError("invalid_field", f"field '{prompt_key}' message {i} must have string 'role' and 'content'")
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise _RowError("invalid_field", f"field '{prompt_key}' message {i} must have "
+                                             "string 'role' and 'content'")
     if not any(message["content"].strip() for message in prompt):
         raise _RowError("empty_prompt", f"field '{prompt_key}' is empty")
     # Only role/content go to the template: parquet structs add null columns for absent keys.
@@ -213,8 +221,8 @@ def load_prompt_dataset(
             if messages is not None and not use_template:
                 # A configuration problem, not a bad row: skipping would drop every row.
                 raise DataError(
-                    f"{path} {location}: field '{prompt_key}' holds chat messages, which need a tokenizer "
-                    "chat template and apply_chat_template=True")
+                    f"{path} {location}: field '{prompt_key}' holds chat messages, which need a "
+                    "tokenizer chat template and apply_chat_template=True")
             if use_template:
                 ids = tokenizer.apply_chat_template(
                     messages or [{"role": "user", "content": prompt}],
@@ -222,7 +230,8 @@ def load_prompt_dataset(
             else:
                 ids = tokenizer.encode(prompt)
             if len(ids) > max_prompt_tokens:
-                raise _RowError("too_long", f"field '{prompt_key}' is {len(ids)} tokens, over max_prompt_tokens={max_prompt_tokens}")
+                raise _RowError("too_long", f"field '{prompt_key}' is {len(ids)} tokens, over "
+                                            f"max_prompt_tokens={max_prompt_tokens}")
             if max_positions is not None and len(ids) + max_new_tokens > max_positions:
                 raise _RowError("too_long", f"field '{prompt_key}' is {len(ids)} tokens + "
                                             f"rollout.max_new_tokens={max_new_tokens} = "
@@ -236,8 +245,10 @@ def load_prompt_dataset(
         dataset.examples.append((list(ids), answer))
 
     if dataset.skipped:
-        logger.warning("%s: skipped %d invalid rows (%s); kept %d", path, sum(dataset.skipped.values()),
-                       ", ".join(f"{k}={v}" for k, v in sorted(dataset.skipped.items())), len(dataset.examples))
+        logger.warning("%s: skipped %d invalid rows (%s); kept %d", path,
+                       sum(dataset.skipped.values()),
+                       ", ".join(f"{k}={v}" for k, v in sorted(dataset.skipped.items())),
+                       len(dataset.examples))
     if not dataset.examples:
         raise DataError(f"{path}: no usable prompts")
     return dataset

@@ -1,4 +1,5 @@
-"""Prompt datasets: verl-format jsonl/parquet, chat templates, bad-row errors and skips, sampling."""
+"""Prompt datasets: verl-format jsonl/parquet, chat templates, bad-row errors and skips,
+sampling."""
 import json
 
 import pyarrow as pa
@@ -33,7 +34,8 @@ def write_jsonl(path, rows):
 
 def test_load_tokenizer_keeps_chat_template(tokenizer):
     assert tokenizer.chat_template == CHAT_TEMPLATE
-    assert tokenizer.encode("one plus two") == [tokenizer.convert_tokens_to_ids(w) for w in ("one", "plus", "two")]
+    assert tokenizer.encode("one plus two") == [tokenizer.convert_tokens_to_ids(w)
+                                                for w in ("one", "plus", "two")]
 
 
 def test_load_tokenizer_missing_folder(tmp_path):
@@ -42,30 +44,40 @@ def test_load_tokenizer_missing_folder(tmp_path):
 
 
 def test_jsonl_verl_format_applies_chat_template(tmp_path, tokenizer):
-    system_and_user = [{"role": "system", "content": "you are a calculator"}, {"role": "user", "content": "what is two plus two ?"}]
-    rows = [verl_row("what is one plus two ?", "3"), {"prompt": system_and_user, "reward_model": {"ground_truth": 4}}]
-    dataset = load_prompt_dataset(write_jsonl(tmp_path / "train.jsonl", rows), tokenizer, max_prompt_tokens=64)
-    expected_first = tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
-    expected_second = tokenizer.apply_chat_template(system_and_user, add_generation_prompt=True, tokenize=True, return_dict=False)
+    system_and_user = [{"role": "system", "content": "you are a calculator"},
+                       {"role": "user", "content": "what is two plus two ?"}]
+    rows = [verl_row("what is one plus two ?", "3"),
+            {"prompt": system_and_user, "reward_model": {"ground_truth": 4}}]
+    dataset = load_prompt_dataset(write_jsonl(tmp_path / "train.jsonl", rows), tokenizer,
+                                  max_prompt_tokens=64)
+    expected_first = tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False)
+    expected_second = tokenizer.apply_chat_template(system_and_user, add_generation_prompt=True,
+                                                    tokenize=True, return_dict=False)
     assert dataset.examples == [(expected_first, "3"), (expected_second, "4")]
-    assert expected_first[-1] == tokenizer.convert_tokens_to_ids("<assistant>")  # generation prompt added
+    # generation prompt added
+    assert expected_first[-1] == tokenizer.convert_tokens_to_ids("<assistant>")
     assert not dataset.skipped
 
 
 def test_plain_text_prompt_with_and_without_template(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "plain.jsonl", [{"question": "what is one plus two ?", "answer": "3"}])
-    templated = load_prompt_dataset(path, tokenizer, prompt_key="question", answer_key="answer", max_prompt_tokens=64)
+    path = write_jsonl(tmp_path / "plain.jsonl",
+                       [{"question": "what is one plus two ?", "answer": "3"}])
+    templated = load_prompt_dataset(path, tokenizer, prompt_key="question", answer_key="answer",
+                                    max_prompt_tokens=64)
     assert templated.examples[0][0] == tokenizer.apply_chat_template(
-        [{"role": "user", "content": "what is one plus two ?"}], add_generation_prompt=True, tokenize=True, return_dict=False)
-    raw = load_prompt_dataset(path, tokenizer, prompt_key="question", answer_key="answer", max_prompt_tokens=64,
-                              apply_chat_template=False)
+        [{"role": "user", "content": "what is one plus two ?"}], add_generation_prompt=True,
+        tokenize=True, return_dict=False)
+    raw = load_prompt_dataset(path, tokenizer, prompt_key="question", answer_key="answer",
+                              max_prompt_tokens=64, apply_chat_template=False)
     assert raw.examples == [(tokenizer.encode("what is one plus two ?"), "3")]
 
 
 def test_chat_messages_without_template_is_a_config_error_even_when_skipping(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", [verl_row("what is one plus two ?")])
     with pytest.raises(DataError, match=r"train.jsonl line 1: field 'prompt' holds chat messages"):
-        load_prompt_dataset(path, tokenizer, max_prompt_tokens=64, apply_chat_template=False, on_invalid="skip")
+        load_prompt_dataset(path, tokenizer, max_prompt_tokens=64, apply_chat_template=False,
+                            on_invalid="skip")
 
 
 def test_parquet_verl_format(tmp_path, tokenizer):
@@ -84,11 +96,14 @@ BAD_JSONL_ROWS = [
     ('[1, 2]', "row must be a JSON object, got list", "malformed"),
     ({"reward_model": {"ground_truth": "3"}}, "field 'prompt' missing", "missing_field"),
     ({"prompt": "what is one ?"}, "field 'reward_model.ground_truth' missing", "missing_field"),
-    ({"prompt": "what is one ?", "reward_model": {"ground_truth": None}}, "field 'reward_model.ground_truth' missing", "missing_field"),
+    ({"prompt": "what is one ?", "reward_model": {"ground_truth": None}},
+     "field 'reward_model.ground_truth' missing", "missing_field"),
     ({"prompt": "what is one ?", "reward_model": {"ground_truth": ["3"]}},
      "field 'reward_model.ground_truth' must be a string or number, got list", "invalid_field"),
-    ({"prompt": "what is one ?", "reward_model": {"ground_truth": " "}}, "field 'reward_model.ground_truth' is empty", "invalid_field"),
-    ({"prompt": "   ", "reward_model": {"ground_truth": "3"}}, "field 'prompt' is empty", "empty_prompt"),
+    ({"prompt": "what is one ?", "reward_model": {"ground_truth": " "}},
+     "field 'reward_model.ground_truth' is empty", "invalid_field"),
+    ({"prompt": "   ", "reward_model": {"ground_truth": "3"}},
+     "field 'prompt' is empty", "empty_prompt"),
     (verl_row(""), "field 'prompt' is empty", "empty_prompt"),
     ({"prompt": [{"role": "user"}], "reward_model": {"ground_truth": "3"}},
      "field 'prompt' message 0 must have string 'role' and 'content'", "invalid_field"),
@@ -100,16 +115,20 @@ BAD_JSONL_ROWS = [
 
 
 @pytest.mark.parametrize("bad_row,message,reason", BAD_JSONL_ROWS)
-def test_bad_jsonl_row_error_names_file_line_and_field(tmp_path, tokenizer, bad_row, message, reason):
-    path = write_jsonl(tmp_path / "train.jsonl", [verl_row("what is one ?"), bad_row, verl_row("what is two ?")])
+def test_bad_jsonl_row_error_names_file_line_and_field(tmp_path, tokenizer, bad_row, message,
+                                                       reason):
+    path = write_jsonl(tmp_path / "train.jsonl",
+                       [verl_row("what is one ?"), bad_row, verl_row("what is two ?")])
     with pytest.raises(DataError) as error:
         load_prompt_dataset(path, tokenizer, max_prompt_tokens=11)
     assert str(error.value).startswith(f"{path} line 2: {message}")
 
 
 def test_skip_counts_every_bad_row_by_reason(tmp_path, tokenizer):
-    rows = [verl_row("what is one ?")] + [bad for bad, _, _ in BAD_JSONL_ROWS] + ["", verl_row("what is two ?")]
-    dataset = load_prompt_dataset(write_jsonl(tmp_path / "train.jsonl", rows), tokenizer, max_prompt_tokens=11, on_invalid="skip")
+    rows = ([verl_row("what is one ?")] + [bad for bad, _, _ in BAD_JSONL_ROWS]
+            + ["", verl_row("what is two ?")])
+    dataset = load_prompt_dataset(write_jsonl(tmp_path / "train.jsonl", rows), tokenizer,
+                                  max_prompt_tokens=11, on_invalid="skip")
     expected = {}
     for _, _, reason in BAD_JSONL_ROWS:
         expected[reason] = expected.get(reason, 0) + 1
@@ -168,7 +187,8 @@ def test_bad_parquet_row_names_row_index(tmp_path, tokenizer):
     rows = [verl_row("what is one ?"), verl_row("what is two ?", answer=None)]
     path = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
-    with pytest.raises(DataError, match=r"train.parquet row 1: field 'reward_model.ground_truth' missing$"):
+    with pytest.raises(DataError,
+                       match=r"train.parquet row 1: field 'reward_model.ground_truth' missing$"):
         load_prompt_dataset(path, tokenizer, max_prompt_tokens=64)
     skipped = load_prompt_dataset(path, tokenizer, max_prompt_tokens=64, on_invalid="skip")
     assert len(skipped) == 1 and skipped.skipped == {"missing_field": 1}
@@ -189,13 +209,15 @@ def test_unreadable_files(tmp_path, tokenizer):
 def test_batches_are_deterministic_epoch_shuffles_that_wrap(tmp_path, tokenizer):
     numbers = "one two three four five six seven".split()
     rows = [verl_row(f"what is {w} ?", answer=str(i)) for i, w in enumerate(numbers)]
-    dataset = load_prompt_dataset(write_jsonl(tmp_path / "train.jsonl", rows), tokenizer, max_prompt_tokens=64)
+    dataset = load_prompt_dataset(write_jsonl(tmp_path / "train.jsonl", rows), tokenizer,
+                                  max_prompt_tokens=64)
     steps = [[answer for _, answer in dataset.batch(step, 3, seed=5)] for step in range(5)]
     stream = [a for step in steps for a in step]
     # Each epoch of 7 is a permutation of all prompts; step 2 straddles epochs 0 and 1.
     assert sorted(stream[:7]) == sorted(map(str, range(7))) == sorted(stream[7:14])
     assert stream[:7] != stream[7:14]  # a fresh shuffle per epoch
     # A resumed run (fresh dataset object, no cached state) sees the same prompts at the same step.
-    resumed = load_prompt_dataset(write_jsonl(tmp_path / "train.jsonl", rows), tokenizer, max_prompt_tokens=64)
+    resumed = load_prompt_dataset(write_jsonl(tmp_path / "train.jsonl", rows), tokenizer,
+                                  max_prompt_tokens=64)
     assert [answer for _, answer in resumed.batch(3, 3, seed=5)] == steps[3]
     assert [answer for _, answer in resumed.batch(3, 3, seed=6)] != steps[3]
