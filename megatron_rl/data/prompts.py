@@ -6,7 +6,6 @@ Prompts are tokenized once at load time; the trainer samples them with `PromptDa
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,7 +15,10 @@ from typing import Any, Iterator, Literal
 
 import torch
 
+from megatron_rl.seeds import derive_seed
+
 logger = logging.getLogger(__name__)
+
 
 class DataError(ValueError):
     """A prompt file or row that cannot be used; the message names file, row/line and field."""
@@ -46,11 +48,7 @@ class PromptDataset:
         cached = getattr(self, "_order_cache", None)
         if cached is not None and cached[0] == (seed, epoch):
             return cached[1]
-        # torch's CPU generator keeps only the low 32 bits of a seed, so (seed, epoch) is hashed
-        # into 32 bits rather than packed into one 64-bit number.
-        mixed = int.from_bytes(
-            hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=4).digest(), "little")
-        generator = torch.Generator().manual_seed(mixed)
+        generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
         order = torch.randperm(len(self.examples), generator=generator).tolist()
         self._order_cache = ((seed, epoch), order)
         return order

@@ -309,8 +309,7 @@ class SGLangClient:
                     failed[index] = f"{type(e).__name__} during weight sync: {e}"
 
         t0 = time.perf_counter()
-        sent, count = self.sender.send(named_tensors, version, method, on_each, disk_dir,
-                                       self.restarts)
+        sent, count = self.sender.send(named_tensors, version, method, on_each, disk_dir)
         for index in engines:
             if index not in failed:
                 self.servers[index].weight_version = version

@@ -14,6 +14,7 @@ it hands WeightSender its HTTP call and a loop over the engines that sets failed
 """
 import base64
 import io
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -122,6 +123,9 @@ def _share_for_http(named: List[Tuple[str, torch.Tensor]]) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+_GROUP_NUMBERS = itertools.count()
+
+
 class WeightSender:
     """The trainer's end of weight sync to a client's servers: keeps each engine's
     weight-sync group (made on its first distributed sync, dropped when it restarts) and a
@@ -134,11 +138,10 @@ class WeightSender:
         self._flat: Optional[torch.Tensor] = None  # reused bucket buffer (CPU)
 
     def send(self, named_tensors: NamedTensors, version: int, method: str, on_each: OnEach,
-             disk_dir: Optional[str], restarts: int) -> Tuple[int, int]:
+             disk_dir: Optional[str]) -> Tuple[int, int]:
         """Load the tensors (HF names, full tensors; read once, bucket by bucket, each bucket
-        going to every engine on_each visits) and set the engines' weight version. restarts:
-        the client's restart count, part of a new group's name (a restarted engine joins a
-        group of another name). Returns (bytes sent, buckets; 0 for disk)."""
+        going to every engine on_each visits) and set the engines' weight version. Returns
+        (bytes sent, buckets; 0 for disk)."""
         # The last request of a sync also sets the version and flushes the radix cache (its KV
         # came from the old weights), without torch_empty_cache: a separate /flush_cache would
         # also empty the allocator, which on CPU is a gc.collect() of 0.5-1.5 s per sync.
@@ -160,8 +163,7 @@ class WeightSender:
                 count += 1
                 finish = last if is_last else {"flush_cache": False}
                 if method == "distributed":
-                    replies.append(self._send_distributed(on_each, pool, bucket, finish,
-                                                          restarts))
+                    replies.append(self._send_distributed(on_each, pool, bucket, finish))
                 else:
                     payload = [_share_for_http(bucket)] * self.cfg.tp_size
                     on_each(lambda i: self._post(i, "/update_weights_from_tensor", {
@@ -182,9 +184,12 @@ class WeightSender:
             dist.destroy_process_group(group)
         self._groups.clear()
 
-    def _group(self, index: int, restarts: int) -> Tuple[dist.ProcessGroup, str]:
+    def _group(self, index: int) -> Tuple[dist.ProcessGroup, str]:
         if index not in self._groups:
-            port, name = free_port(), f"megatron_rl_weight_sync_{index}_{restarts}"
+            # A name no group of this process had before: torch refuses a name twice, and a
+            # restarted engine, or another client in the same process, needs a group of its own.
+            port = free_port()
+            name = f"megatron_rl_weight_sync_{index}_{next(_GROUP_NUMBERS)}"
             backend = "gloo" if self.servers[index].device == "cpu" else "nccl"
             world = 1 + self.cfg.tp_size
             # The server's call returns only once this process has joined the group too.
@@ -210,8 +215,8 @@ class WeightSender:
         return flat if self.servers[0].device == "cpu" else flat.cuda()
 
     def _send_distributed(self, on_each: OnEach, pool: ThreadPoolExecutor,
-                          bucket: List[Tuple[str, torch.Tensor]], finish: dict,
-                          restarts: int) -> Callable[[], None]:
+                          bucket: List[Tuple[str, torch.Tensor]],
+                          finish: dict) -> Callable[[], None]:
         """One bucket to every engine: the request first, so that each server allocates its
         receive buffer (fresh memory, page faults on CPU) while this process packs the bucket,
         then the broadcast over the engine's group. Returns the wait for the replies: the
@@ -224,9 +229,9 @@ class WeightSender:
         replies = {}
         on_each(lambda i: replies.__setitem__(i, pool.submit(
             self._post, i, "/update_weights_from_distributed",
-            {**request, "group_name": self._group(i, restarts)[1]})))
+            {**request, "group_name": self._group(i)[1]})))
         flat = self._flatten(bucket)
-        on_each(lambda i: dist.broadcast(flat, group=self._group(i, restarts)[0], group_src=0))
+        on_each(lambda i: dist.broadcast(flat, group=self._group(i)[0], group_src=0))
         return lambda: on_each(lambda i: replies[i].result())
 
     def _write_for_disk(self, named_tensors: NamedTensors, disk_dir: Optional[str]) -> int:

@@ -130,27 +130,45 @@ def _requests_served(server):
 
 
 def _generate_in_thread(engine, params, prompts=PROMPTS):
+    """Start a generation in a thread; returns (thread, {"samples"}, log offsets): the size of
+    each server's log when it started, for wait_until_decoding."""
+    offsets = [os.path.getsize(s.log_path) for s in engine.servers]
     out = {}
     thread = threading.Thread(target=lambda: out.update(samples=engine.generate(prompts, params)))
     thread.start()
-    return thread, out
+    return thread, out, offsets
+
+
+def wait_until_decoding(server, offset, timeout_s=300):
+    """Block until the server's log shows a decode batch with running requests written after
+    `offset`: generation is under way (SGLang logs one every 40 decode steps), so a fault
+    injected now lands mid-rollout however fast the machine is."""
+    pattern = re.compile(r"Decode batch.*#running-req: [1-9]")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with open(server.log_path) as f:
+            f.seek(offset)
+            if pattern.search(f.read()):
+                return
+        time.sleep(0.05)  # polling for the event, not waiting for time to pass
+    raise AssertionError(f"no decode batch in {server.log_path} within {timeout_s}s")
 
 
 def test_pause_abort_then_continue(served):
     cfg, model, engine = served
     long = SamplingParams(temperature=1.0, max_new_tokens=900)
-    thread, out = _generate_in_thread(engine, long)
-    time.sleep(1.5)
+    thread, out, offsets = _generate_in_thread(engine, long)
+    wait_until_decoding(engine.servers[0], offsets[0])
     engine.pause(mode="abort")
     thread.join(60)
     assert not thread.is_alive()
     assert all(s.finish_reason == "abort" and len(s.output_ids) < 900 for s in out["samples"])
     engine.resume()
     # retract: running requests go back to the queue and finish after continue_generation
-    thread, out = _generate_in_thread(engine, SamplingParams(max_new_tokens=200))
-    time.sleep(0.5)
+    thread, out, offsets = _generate_in_thread(engine, SamplingParams(max_new_tokens=200))
+    wait_until_decoding(engine.servers[0], offsets[0])
     engine.pause(mode="retract")
-    time.sleep(1.0)
+    time.sleep(1.0)  # paused requests never finish: no speed makes this pass by itself
     assert thread.is_alive()  # paused, not finished
     engine.flush_cache()  # allowed while paused in retract mode
     engine.resume()
@@ -182,8 +200,9 @@ def test_killed_server_restarts_and_retries_with_current_weights(served):
 
     engine.on_restart = resync
     prompts = [[i % 250 + 1, 7, 8] for i in range(24)]
-    thread, out = _generate_in_thread(engine, SamplingParams(max_new_tokens=300), prompts)
-    time.sleep(2.0)
+    thread, out, offsets = _generate_in_thread(engine, SamplingParams(max_new_tokens=300),
+                                               prompts)
+    wait_until_decoding(engine.servers[0], offsets[0])
     old_pid = engine.servers[0].process.pid
     _kill(engine.servers[0])
     thread.join(300)
@@ -234,8 +253,9 @@ def test_router_spreads_requests_and_a_killed_server_is_restarted_and_resynced(t
         assert all(_requests_served(s) > n for s, n in zip(engine.servers, served_before))
 
         prompts = [[i % 250 + 1, 7, 8] for i in range(16)]
-        thread, out = _generate_in_thread(engine, SamplingParams(max_new_tokens=300), prompts)
-        time.sleep(2.0)
+        thread, out, offsets = _generate_in_thread(engine, SamplingParams(max_new_tokens=300),
+                                                   prompts)
+        wait_until_decoding(engine.servers[1], offsets[1])
         _kill(engine.servers[1])
         thread.join(300)
         assert not thread.is_alive()
