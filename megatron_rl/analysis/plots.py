@@ -155,11 +155,13 @@ def draw_probe(ax, probes: Sequence[Dict]) -> None:
                    label=f"step {probe['step']}: "
                          f"corr {metrics.get('probe/correlation', float('nan')):.3f}, "
                          f"slope {metrics.get('probe/slope', float('nan')):.3f}")
-    if probes:
-        values = np.concatenate([np.concatenate([p["predicted"].numpy(), p["actual"].numpy()])
-                                 for p in probes])
+    values = np.concatenate([np.zeros(0)] + [
+        np.concatenate([p["predicted"].numpy(), p["actual"].numpy()]) for p in probes])
+    values = values[np.isfinite(values)]  # a probe of a step whose groups were all filtered
+    if values.size:  # has no token; a diverged one may hold NaN
         lo, hi = float(values.min()), float(values.max())
         ax.plot([lo, hi], [lo, hi], color="k", linewidth=1, linestyle="--", label="y = x")
+    if probes:
         ax.legend(fontsize=6)
     ax.set(xlabel="predicted dH = -Cov(log pi, dz)", ylabel="actual dH",
            title="entropy change per token")

@@ -68,6 +68,22 @@ def test_single_run_panels(tmp_path):
         assert_png(path)
 
 
+def test_a_diverged_run_still_plots(tmp_path):
+    """A probe of a step whose groups were all filtered has no token; a diverged run's entropy
+    is NaN. Plotting them is no reason to fail the job at its end (it did: rc 1)."""
+    run_dir = make_run(str(tmp_path), "diverged", "ppo_clip", 0.2, probe=True)
+    empty = torch.zeros(0)
+    save_probe(run_dir, 20, EntropyProbe(actual=empty, predicted=empty, entropy_before=empty,
+                                         metrics={}))
+    nan = torch.full((5,), float("nan"))
+    save_probe(run_dir, 30, EntropyProbe(actual=nan, predicted=nan, entropy_before=nan,
+                                         metrics={}))
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 61, "entropy": float("nan"), "reward_mean": 0.0}) + "\n")
+    for path in write_run_plots(run_dir):
+        assert_png(path)
+
+
 def test_law_panel_draws_the_fit_and_its_ceiling(tmp_path):
     run = read_run(make_run(str(tmp_path), "grpo", "ppo_clip", 0.2))
     fig, ax = plt.subplots()
