@@ -14,6 +14,7 @@ Every rank builds a trainer and calls the same phases in the same order: the pha
 collective. The trainer checkpoints its own state (step, entropy-law points, weight version)
 next to the model and optimizer, and `close()` releases everything on every exit path.
 """
+import json
 import logging
 import math
 import os
@@ -64,8 +65,8 @@ class RLTrainer:
         # current step, write a checkpoint and exit; the flag is all-reduced so every rank stops
         # together. A second Ctrl-C aborts at once.
         self._stop_signals: List[str] = []
-        signal.signal(signal.SIGTERM, self._on_stop_signal)
-        signal.signal(signal.SIGINT, self._on_stop_signal)
+        self._previous_handlers = {sig: signal.signal(sig, self._on_stop_signal)
+                                   for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._build(resume)
         except BaseException:
@@ -103,8 +104,6 @@ class RLTrainer:
         setup_logging(self.is_logger)
         self.out_dir, self.ckpt_root = t.output_dir, os.path.join(t.output_dir, "checkpoints")
         if info.rank == 0:
-            import json
-
             os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, "config.json"), "w") as f:
                 json.dump(to_dict(cfg), f, indent=2)
@@ -511,6 +510,8 @@ class RLTrainer:
             self.reward_pool.close()
         if self.sinks is not None:
             self.sinks.close()
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
         from megatron_rl.parallel import state
 
         state.destroy()

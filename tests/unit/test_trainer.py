@@ -204,3 +204,13 @@ def test_a_diverged_run_stops_and_sets_its_checkpoints_aside(tmp_path):
     assert trainer.step < 20
     assert (root / "diverged" / "step_00000001").is_dir()
     assert not list(root.glob("step_*")) and not (root / "latest").exists()
+
+
+def test_close_gives_the_signal_handlers_back(tmp_path):
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    trainer = RLTrainer(tiny_config(tmp_path))
+    assert signal.getsignal(signal.SIGINT) == trainer._on_stop_signal
+    trainer.close()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
