@@ -268,9 +268,13 @@ class SGLangRouter:
         self.process: Optional[subprocess.Popen] = None
         self.url = ""
 
-    def command(self, port: int) -> List[str]:
+    def command(self, port: int, metrics_port: int) -> List[str]:
         return [self.cfg.python or sys.executable, "-m", "sglang_router.launch_router",
                 "--host", "127.0.0.1", "--port", str(port),
+                # its Prometheus exporter defaults to one fixed port on every interface: a
+                # second router on the host (another job, a restart racing the old process)
+                # failed with "Address already in use"
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port),
                 "--worker-urls", *self.worker_urls, "--policy", self.cfg.router_policy,
                 # a restarted server is back in rotation within seconds; failures are the
                 # client's to handle (it restarts the server), not a reason to shun it for 60 s
@@ -279,9 +283,11 @@ class SGLangRouter:
                 "--log-level", "warn"]
 
     def start(self) -> None:
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
+        while metrics_port == port:
+            metrics_port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.process = spawn_logged(self.command(port), clean_env(), self.log_path)
+        self.process = spawn_logged(self.command(port, metrics_port), clean_env(), self.log_path)
         atexit.register(self.stop)
 
     def alive(self) -> bool:
