@@ -167,3 +167,24 @@ def test_verifier_scores_the_ground_truth_one_and_a_wrong_walk_zero(outputs):
     with pytest.raises(ValueError, match="allowed start steps"):
         reward("1+2=3", "12 1")
 
+
+def test_example_config_reads_what_the_script_writes(outputs):
+    from megatron_rl.config import load_config, yaml_load
+
+    path = os.path.join(ROOT, "examples", "dataset_cpu.yaml")
+    cfg = load_config(path, [], world_size=1)  # loads as committed, before any data exists
+    assert cfg.data.path == "runs/example_data/train.parquet"
+    assert cfg.data.tokenizer_dir == "runs/example_data/tokenizer"
+    assert cfg.reward.fn == "megatron_rl.rewards.clock_walk:reward"
+    assert cfg.training.sft_steps == 0
+    # with the script's output: the model's vocabulary covers the tokenizer (checked on host)
+    load_config(path, [f"data.path={outputs[0] / 'train.parquet'}",
+                       f"data.tokenizer_dir={outputs[0] / 'tokenizer'}"],
+                world_size=1, on_this_host=True)
+    # the eval sets waiting, commented out, for data.eval_sets name the script's files
+    lines = open(path).read().split("  # eval_sets:\n", 1)[1].split("\nrollout:", 1)[0]
+    eval_sets = yaml_load("\n".join(line.replace("  #", "", 1) for line in lines.splitlines()))
+    assert "(needs data.eval_sets, #17)" in open(path).read()
+    assert [os.path.basename(s["path"]) for s in eval_sets] == [
+        "eval_heldout.parquet", "eval_wide.jsonl"]
+    assert all(s["reward"] == cfg.reward.fn for s in eval_sets)
