@@ -10,6 +10,7 @@ from megatron_rl.algorithms.advantages import (
     gae_advantages,
     grpo_advantages,
     informative_groups,
+    keep_groups,
     masked_whiten,
     reinforce_pp_advantages,
     rloo_advantages,
@@ -27,7 +28,7 @@ from megatron_rl.algorithms.selection import (
 __all__ = [
     "ALIASES", "AlgorithmConfig", "TokenStats", "aggregate", "clip_cov_select",
     "compute_advantages", "covariance_metrics", "gae_advantages", "grpo_advantages",
-    "informative_groups", "kl_cov_select", "masked_whiten", "policy_loss", "ppo_clip_active",
-    "reference_kl", "reinforce_pp_advantages", "rloo_advantages", "rollout_metrics",
-    "select_tokens", "token_covariance",
+    "informative_groups", "keep_groups", "kl_cov_select", "masked_whiten", "policy_loss",
+    "ppo_clip_active", "reference_kl", "reinforce_pp_advantages", "rloo_advantages",
+    "rollout_metrics", "select_tokens", "token_covariance",
 ]

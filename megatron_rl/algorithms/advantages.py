@@ -4,7 +4,7 @@ Outcome rewards are one scalar per response, `rewards` [B]. A batch holds its pr
 contiguously, n responses per prompt: rows [g*n, (g+1)*n) answer prompt g. Token tensors are
 [B, T] with `mask` marking response tokens; returned token advantages are zero outside the mask.
 """
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -25,6 +25,18 @@ def informative_groups(rewards: torch.Tensor, n: int) -> torch.Tensor:
     groups = _grouped(rewards, n)
     varied = (groups != groups[:, :1]).any(dim=1)
     return varied.repeat_interleave(n)
+
+
+def keep_groups(rewards: torch.Tensor, n: int, count: int) -> List[int]:
+    """Dynamic sampling's choice (filter_equal_groups: resample): which `count` of the drawn
+    groups (rewards [G * n], groups in the order they were drawn) a step trains on, in draw
+    order: the first `count` informative groups, topped up, when fewer were drawn, with the
+    first uninformative ones (whose loss the mask of informative_groups removes)."""
+    varied = informative_groups(rewards, n).view(-1, n)[:, 0].tolist()
+    if len(varied) < count:
+        raise ValueError(f"{count} groups wanted, {len(varied)} drawn")
+    first = [g for g, v in enumerate(varied) if v] + [g for g, v in enumerate(varied) if not v]
+    return sorted(first[:count])
 
 
 def grpo_advantages(rewards: torch.Tensor, n: int, norm_by_std: bool = True,

@@ -6,7 +6,7 @@ field, so verl recipes move over unchanged (docs/algorithms.md lists them).
 """
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, Literal, Optional
+from typing import Dict, Literal, Optional, Union
 
 AdvantageEstimator = Literal["grpo", "rloo", "reinforce_pp", "gae"]
 LossMode = Literal["vanilla", "ppo_clip", "clip_cov", "kl_cov"]
@@ -20,8 +20,12 @@ class AlgorithmConfig:
         default="grpo", metadata={"aliases": ("adv_estimator",)})
     # GRPO divides by the group's std; false gives Dr.GRPO's centred advantage.
     norm_by_std: bool = field(default=True, metadata={"aliases": ("norm_adv_by_std_in_grpo",)})
-    # Drop prompts whose n rewards are all equal (all right / all wrong), as the paper does.
-    filter_equal_groups: bool = True
+    # Groups whose n rewards are all equal (all right / all wrong) carry no signal. true: they
+    # get no loss (the paper); "resample": also draw more prompts until each step holds
+    # rollout.prompts_per_step informative groups (DAPO's dynamic sampling), for at most
+    # resample_max_rounds extra generation rounds; false: keep them.
+    filter_equal_groups: Union[bool, Literal["resample"]] = True
+    resample_max_rounds: int = 4
     # Responses per prompt; a batch holds its groups contiguously: [prompt0 x n, prompt1 x n, ...].
     n: int = field(default=8, metadata={"aliases": ("rollout_n", "group_size")})
     gamma: float = 1.0  # discount (REINFORCE++, gae_advantages)
@@ -76,6 +80,11 @@ class AlgorithmConfig:
                                         "reinforce_pp")
         if self.n < 1:
             fail("n", "must be >= 1")
+        if not (isinstance(self.filter_equal_groups, bool)
+                or self.filter_equal_groups == "resample"):
+            fail("filter_equal_groups", "must be true, false or \"resample\"")
+        if self.resample_max_rounds < 1:
+            fail("resample_max_rounds", "must be >= 1")
         if self.advantage_estimator in ("grpo", "rloo") and self.n < 2:
             fail("n", f"must be >= 2 for advantage_estimator={self.advantage_estimator} "
                       "(a group baseline needs two responses)")

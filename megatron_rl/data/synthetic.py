@@ -11,9 +11,11 @@ so a tiny model learns them in minutes:
 import itertools
 import re
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Set, Tuple
 
 import torch
+
+from megatron_rl.seeds import derive_seed
 
 PAD, BOS, EOS = 0, 1, 2
 CHARS = "0123456789+=-*() "
@@ -78,6 +80,22 @@ def addition_prompts(count: int, digits: int, seed: int, tokenizer: CharTokenize
     """`count` RL prompts: (token ids of "<bos>a+b=", answer string)."""
     return [([tokenizer.bos_id] + tokenizer.encode(prompt), answer)
             for prompt, answer in addition_problems(count, digits, seed)]
+
+
+def addition_prompts_outside(count: int, digits: int, seed: int, held_out: Set[str],
+                             tokenizer: CharTokenizer):
+    """`count` RL prompts like addition_prompts', none of whose texts ("a+b=") is in
+    `held_out`: `seed`'s problems in order, skipping held-out ones (chunk c of `count` problems
+    from derive_seed(seed, c)). At least one problem must be outside `held_out`."""
+    if len(held_out) >= 10 ** (2 * digits):
+        raise ValueError(f"every {digits}-digit addition problem is held out")
+    out, chunk = [], 0
+    while len(out) < count:
+        for prompt, answer in addition_problems(count, digits, derive_seed(seed, chunk)):
+            if prompt not in held_out and len(out) < count:
+                out.append(([tokenizer.bos_id] + tokenizer.encode(prompt), answer))
+        chunk += 1
+    return out
 
 
 # --- clock_walk -----------------------------------------------------------------------------

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from megatron_rl.data.synthetic import (CharTokenizer, addition_problems, addition_prompt_tokens,
-                                        addition_prompts, clock_walk_demonstrations,
+                                        addition_prompts, addition_prompts_outside,
+                                        clock_walk_demonstrations,
                                         clock_walk_prompt_tokens, clock_walk_prompts,
                                         clock_walk_reward, clock_walk_split, draw)
 from megatron_rl.errors import ConfigError
@@ -15,6 +16,14 @@ from megatron_rl.seeds import derive_seed
 
 Prompt = Tuple[List[int], str]  # (prompt token ids, ground-truth answer)
 
+RESAMPLE_STREAM = 1  # derive_seed's tag of the extra prompts' stream (resample_seed)
+
+
+def resample_seed(seed: int, step: int, round: int) -> int:
+    """The seed of dynamic sampling's extra prompts of (step, round): a stream of their own, so
+    drawing them moves nothing in the steps' prompt stream (derive_seed(seed, step))."""
+    return derive_seed(seed, RESAMPLE_STREAM, step, round)
+
 
 @dataclass
 class Task:
@@ -22,6 +31,10 @@ class Task:
     eos_id: int
     decode: Callable[[List[int]], str]
     prompts_for_step: Callable[[int, int], List[Prompt]]  # (step, count) -> prompts
+    # (step, round, count) -> the extra prompts of dynamic sampling's round `round` >= 1 of
+    # `step` (algorithm.filter_equal_groups: resample): training prompts, never an eval prompt,
+    # drawn from resample_seed(data.seed, step, round)
+    prompts_for_resample: Callable[[int, int, int], List[Prompt]]
     eval_prompts: List[Prompt]
     skipped_rows: dict
     # (responses, answers) -> rewards, in the trainer process (reward.fn = "exact")
@@ -55,14 +68,26 @@ def longest_prompt_tokens(d) -> int:
     return 1
 
 
+def _check_resample_pool(cfg, empty: bool) -> None:
+    if empty and cfg.algorithm.filter_equal_groups == "resample":
+        raise ConfigError(f"algorithm.filter_equal_groups=resample draws extra prompts outside "
+                          f"the held-out ones, but every data.task={cfg.data.task} prompt is "
+                          f"among the data.eval_prompts={cfg.data.eval_prompts} held out")
+
+
 def build_task(cfg) -> Task:
     d = cfg.data
     if d.task == "addition":
         tokenizer = CharTokenizer()
+        # problems are drawn at random: the extra prompts skip the eval draw's
+        held_out = {p for p, _ in addition_problems(d.eval_prompts, d.digits, d.eval_seed)}
+        _check_resample_pool(cfg, len(held_out) >= 10 ** (2 * d.digits))
         return Task(
             vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, decode=tokenizer.decode,
             prompts_for_step=lambda step, count: addition_prompts(
                 count, d.digits, derive_seed(d.seed, step), tokenizer),
+            prompts_for_resample=lambda step, round, count: addition_prompts_outside(
+                count, d.digits, resample_seed(d.seed, step, round), held_out, tokenizer),
             eval_prompts=addition_prompts(d.eval_prompts, d.digits, d.eval_seed, tokenizer),
             skipped_rows={},
             demonstrations=lambda count, seed: addition_problems(count, d.digits, seed))
@@ -74,6 +99,8 @@ def build_task(cfg) -> Task:
             vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, decode=tokenizer.decode,
             prompts_for_step=lambda step, count: clock_walk_prompts(
                 draw(train, count, derive_seed(d.seed, step)), tokenizer),
+            prompts_for_resample=lambda step, round, count: clock_walk_prompts(
+                draw(train, count, resample_seed(d.seed, step, round)), tokenizer),
             eval_prompts=clock_walk_prompts(held_out, tokenizer), skipped_rows={},
             score=lambda responses, answers: [reward(r, a) for r, a in zip(responses, answers)],
             demonstrations=lambda count, seed: clock_walk_demonstrations(
@@ -91,10 +118,23 @@ def build_task(cfg) -> Task:
                                   # not when a step draws it
                                   max_positions=cfg.model.max_position_embeddings,
                                   max_new_tokens=cfg.rollout.max_new_tokens)
+    # No separate eval file yet: a fixed draw from the training prompts (which the steps'
+    # stream also draws). The extra prompts of dynamic sampling leave them out.
+    eval_prompts = dataset.batch(0, d.eval_prompts, d.eval_seed)
+
+    @functools.cache
+    def resample_pool() -> List[int]:  # rows whose prompt is not an eval prompt
+        held_out = {tuple(ids) for ids, _ in eval_prompts}
+        return [i for i, (ids, _) in enumerate(dataset.examples) if tuple(ids) not in held_out]
+
+    if cfg.algorithm.filter_equal_groups == "resample":
+        _check_resample_pool(cfg, not resample_pool())
     return Task(
         vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id,
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
         prompts_for_step=lambda step, count: dataset.batch(step, count, d.seed),
-        # No separate eval file yet: a fixed draw from the training prompts.
-        eval_prompts=dataset.batch(0, d.eval_prompts, d.eval_seed),
+        prompts_for_resample=lambda step, round, count: [
+            dataset.examples[i]
+            for i in draw(resample_pool(), count, resample_seed(d.seed, step, round))],
+        eval_prompts=eval_prompts,
         skipped_rows=dict(dataset.skipped))

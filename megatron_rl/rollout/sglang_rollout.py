@@ -41,6 +41,10 @@ class SGLangRolloutEngine:
         self.weights_dir = os.path.join(out_dir, "engine_weights")
         self.client: Optional[SGLangClient] = None  # rank 0's
         self._prefetched = None  # rank 0: the background generation prefetch() started
+        # rank 0: a generate() released the colocated engines' memory since the last sync, so
+        # another generate() before the next sync (evaluation, dynamic sampling's extra rounds)
+        # must take it back first
+        self._released = False
         # The engines start from the trainer's weights as they are now (initial checkpoint,
         # SFT warm start or resumed step), written once as an HF folder.
         init_dir = os.path.join(self.weights_dir, "initial")
@@ -165,6 +169,9 @@ class SGLangRolloutEngine:
 
         def generate_all():
             flat = self._flatten(per_dp)
+            if self._released:
+                self.client.resume_memory()
+                self._released = False
             box = self._prefetched
             if box is not None and box["key"] == (per_dp, params):  # not, e.g., evaluation's
                 box, self._prefetched = self._join_prefetch(), None
@@ -186,6 +193,7 @@ class SGLangRolloutEngine:
                 result[dp].append(sample)
             if not self.cfg.rollout.async_rollout:
                 self.client.release_memory()  # colocated: training gets the GPU memory back
+                self._released = True
             return result
 
         return self._lead(generate_all)[dp_rank]
@@ -233,6 +241,7 @@ class SGLangRolloutEngine:
         def sync():
             self._join_prefetch()  # the engines finish the next step's samples first
             self.client.resume_memory()
+            self._released = False
             self.client.update_weights(weights, version,
                                        disk_dir=os.path.join(self.weights_dir, "sync"))
 

@@ -1,7 +1,8 @@
 """The RL trainer: one object that owns the policy, its optimizer, the rollout engine and the task,
 and one method per phase of a step. `train_step` is the README's numbered list:
 
-    1. rollout        this DP rank's prompts, n samples each (the next step's prefetched)
+    1. rollout        this DP rank's prompts, n samples each (the next step's prefetched);
+                      with dynamic sampling, more prompts until the groups are informative
     2. score          rewards from the task's verifier or the reward worker pool
     3. advantages     group-relative advantages -> mini-batches of MicroBatches
     4. old_logprobs   the sampling policy's log-probs recomputed by the trainer (+ the reference's)
@@ -35,13 +36,18 @@ from megatron_rl.training.rl_batch import MicroBatch
 
 logger = logging.getLogger(__name__)
 
+RESAMPLE_SEED_TAG = 8  # derive_seed's tag of dynamic sampling's extra rounds (evaluation's is 7)
+
 
 @dataclass
 class RolloutBatch:
     """One step's rollouts on this DP rank, filled in phase by phase."""
     samples: List[Sample]
     answers: List[str]
-    rollout_time_s: float
+    rollout_time_s: float  # generating (every round of dynamic sampling), not scoring
+    generated_tokens: int = 0  # response tokens the engine generated, kept or not
+    # dynamic sampling's metrics (rollout/resample_rounds, ...), over DP; empty when it is off
+    sampling_metrics: Dict[str, float] = field(default_factory=dict)
     rewards: Optional[torch.Tensor] = None  # [B]
     response_mask: Optional[torch.Tensor] = None  # [B, longest response]
     advantages: Optional[torch.Tensor] = None  # [B, longest response]
@@ -268,15 +274,80 @@ class RLTrainer:
         return prompts[self.info.dp_rank * per_rank: (self.info.dp_rank + 1) * per_rank]
 
     def rollout(self, step: int) -> RolloutBatch:
+        """This DP rank's prompts, algorithm.n samples each. With algorithm.filter_equal_groups:
+        resample, dynamic sampling (`resample`) follows, and the batch comes back scored."""
         rc = self.cfg.rollout
+        batch = self.generate(self.rank_prompts(step),
+                              seed=derive_seed(rc.seed, step, self.info.dp_rank))
+        if self.cfg.algorithm.filter_equal_groups == "resample":
+            batch = self.resample(step, batch)
         t0 = time.time()
-        mine = self.rank_prompts(step)
-        samples = self.engine.generate([p for p, _ in mine], self.sampling,
-                                       seed=derive_seed(rc.seed, step, self.info.dp_rank))
         if rc.async_rollout and step < self.cfg.training.steps:  # the next step's, meanwhile
             self.engine.prefetch([p for p, _ in self.rank_prompts(step + 1)], self.sampling)
-        return RolloutBatch(samples=samples, answers=[mine[s.prompt_index][1] for s in samples],
-                            rollout_time_s=time.time() - t0)
+        batch.rollout_time_s += time.time() - t0
+        return batch
+
+    def generate(self, prompts, seed: int) -> RolloutBatch:
+        """`prompts` ((token ids, answer) pairs; may be empty) through the engine. Collective:
+        every rank calls it together."""
+        t0 = time.time()
+        samples = self.engine.generate([p for p, _ in prompts], self.sampling, seed=seed)
+        return RolloutBatch(samples=samples, answers=[prompts[s.prompt_index][1] for s in samples],
+                            rollout_time_s=time.time() - t0,
+                            generated_tokens=sum(len(s.output_ids) for s in samples))
+
+    def resample(self, step: int, batch: RolloutBatch) -> RolloutBatch:
+        """Dynamic sampling (DAPO): scores the step's groups and, while any DP rank holds fewer
+        than rollout.prompts_per_step / DP informative ones (rewards not all equal), runs an
+        extra round on its share of Task.prompts_for_resample(step, round), for at most
+        algorithm.resample_max_rounds rounds. Generation is collective, so every rank takes part
+        in every round, with no prompts once it has enough (the decision is all-reduced).
+        Returns the scored batch of this rank's prompts_per_step / DP groups: the first
+        informative ones in draw order, topped up after the last round with uninformative ones,
+        which get no loss (as with filter_equal_groups: true)."""
+        from megatron_rl.algorithms import informative_groups, keep_groups
+
+        alg, rc, info = self.cfg.algorithm, self.cfg.rollout, self.info
+        n, need = alg.n, rc.prompts_per_step // info.dp_size
+        self.score(batch)
+        drawn = [batch]
+        found = int(informative_groups(batch.rewards, n).sum()) // n
+        rounds = 0
+        while rounds < alg.resample_max_rounds and self.any_rank(found < need):
+            rounds += 1
+            extra = self.task.prompts_for_resample(step, rounds, rc.prompts_per_step)
+            mine = extra[info.dp_rank * need: (info.dp_rank + 1) * need] if found < need else []
+            more = self.generate(mine, seed=derive_seed(rc.seed, step, info.dp_rank,
+                                                        RESAMPLE_SEED_TAG, rounds))
+            self.score(more)
+            drawn.append(more)
+            found += int(informative_groups(more.rewards, n).sum()) // n
+        samples = [s for b in drawn for s in b.samples]
+        answers = [a for b in drawn for a in b.answers]
+        rewards = torch.cat([b.rewards for b in drawn])
+        groups = keep_groups(rewards, n, need)
+        rows = [g * n + i for g in groups for i in range(n)]
+        kept = RolloutBatch(samples=[samples[r] for r in rows], answers=[answers[r] for r in rows],
+                            rewards=rewards[rows],
+                            rollout_time_s=sum(b.rollout_time_s for b in drawn),
+                            generated_tokens=sum(b.generated_tokens for b in drawn))
+        for index, sample in enumerate(kept.samples):
+            sample.prompt_index = index // n  # the group's place in the kept batch
+        # over DP: prompts drawn, informative groups kept, rewards and responses drawn
+        totals = torch.tensor([len(samples) / n, int(informative_groups(kept.rewards, n).sum()) / n,
+                               float(rewards.sum()), len(samples)], dtype=torch.float64)
+        dist.all_reduce(totals, group=self.dp_group)
+        prompts_drawn, informative, reward_sum, responses = totals.tolist()
+        kept.sampling_metrics = {"rollout/resample_rounds": rounds,
+                                 "rollout/prompts_drawn": prompts_drawn,
+                                 "rollout/informative_groups": informative,
+                                 "rollout/reward_mean_drawn": reward_sum / responses}
+        if informative < rc.prompts_per_step:
+            logger.info(f"step {step}: {informative:.0f} of {rc.prompts_per_step} groups "
+                        f"informative after {rounds} extra round(s) "
+                        f"(algorithm.resample_max_rounds={alg.resample_max_rounds}); the "
+                        f"other {rc.prompts_per_step - informative:.0f} get no loss")
+        return kept
 
     def score_texts(self, responses: List[str], answers: List[str]) -> List[float]:
         """Rewards from the task's check or the reward workers. A reward that is not a finite
@@ -302,6 +373,8 @@ class RLTrainer:
         return checked
 
     def score(self, batch: RolloutBatch) -> None:
+        if batch.rewards is not None:  # scored in rollout (dynamic sampling)
+            return
         responses = [self.task.decode(s.output_ids) for s in batch.samples]
         batch.rewards = torch.tensor(self.score_texts(responses, batch.answers),
                                      dtype=torch.float32)
@@ -405,13 +478,14 @@ class RLTrainer:
                       step_time_s=step_time_s)
         record.update({f"rollout/{k}": v for k, v in rollout_metrics(
             batch.rewards, batch.advantages, batch.response_mask, alg.n).items()})
+        record.update(batch.sampling_metrics)
         for key in sorted({k for m in step_metrics for k in m}):
             values = [m[key] for m in step_metrics if key in m]  # skipped updates lack most
             record[key] = sum(values) / len(values)
         if batch.logprob_diffs:
             record["rollout_train_logprob_diff"] = (sum(batch.logprob_diffs)
                                                     / len(batch.logprob_diffs))
-        response_tokens = self.dp_mean(float(batch.response_mask.sum())) * n_dp
+        response_tokens = self.dp_mean(float(batch.generated_tokens)) * n_dp
         record["rollout_tokens_per_s"] = response_tokens / max(batch.rollout_time_s, 1e-9)
         trained_tokens = self.dp_mean(float(sum(mb.tokens.numel() for mini in batch.mini_batches
                                                 for mb in mini))) * n_dp * t.ppo_epochs

@@ -27,6 +27,13 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.parallel.data_parallel_size == 2
 
 
+@pytest.mark.parametrize("value, parsed", [("true", True), ("false", False),
+                                           ("resample", "resample")])
+def test_filter_equal_groups_is_a_switch_or_resample(value, parsed):
+    assert load_config(None, [f"algorithm.filter_equal_groups={value}"],
+                       world_size=1).algorithm.filter_equal_groups == parsed
+
+
 def test_int_is_accepted_for_float():
     assert load_config(None, ["training.lr=1"]).training.lr == 1.0
 
@@ -39,6 +46,11 @@ def test_int_is_accepted_for_float():
     ("parallel.sequence_parallel=3", "parallel.sequence_parallel: expected true/false"),
     ("model.arch=gpt2", "model.arch: 'gpt2' is not one of ['qwen2', 'llama', 'qwen3']"),
     ("model.num_layers=-1", "model.num_layers must be positive"),
+    ("algorithm.filter_equal_groups=mask",
+     "algorithm.filter_equal_groups: expected true/false or 'resample', got 'mask'"),
+    ("algorithm.filter_equal_groups=1",
+     "algorithm.filter_equal_groups: expected true/false or 'resample', got 1"),
+    ("algorithm.dual_clip_c=abc", "algorithm.dual_clip_c: expected a float or null, got 'abc'"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -238,6 +250,7 @@ OUT_OF_RANGE = {
     "algorithm.omega_high": [0.5], "algorithm.k": [0, 1], "algorithm.beta": [-1],
     "algorithm.seed": [-1, 2 ** 32], "algorithm.rollout_is_cap": [0.5],
     "algorithm.entropy_coef": [-0.01], "algorithm.kl_ref_coef": [-0.01],
+    "algorithm.resample_max_rounds": [0, -1],
     "rollout.prompts_per_step": [0], "rollout.temperature": [0], "rollout.top_p": [0, 1.5],
     "rollout.top_k": [0, -2], "rollout.max_new_tokens": [0, 512], "rollout.seed": [-1, 2 ** 32],
     "rollout.sglang.engines_per_node": [0], "rollout.sglang.tp_size": [0],

@@ -88,3 +88,35 @@ def test_factory_builds_the_sglang_engine_on_the_configured_device(monkeypatch, 
     assert build_rollout_engine(cfg, model, "/run", weight_version=7, device="cuda",
                                 vocab_size=VOCAB) == "engine"
     assert calls == [((cfg, model, "/run"), {"weight_version": 7, "device": expected})]
+
+
+def test_sglang_engine_takes_back_released_memory_before_generating_again(monkeypatch):
+    """Colocated engines release their memory after generating; a second generate() before the
+    next weight sync (evaluation, dynamic sampling's extra rounds) resumes it first. Without
+    servers: rank 0's bookkeeping against a client that records its calls."""
+    from megatron_rl.rollout.types import Sample
+
+    calls = []
+
+    class Client:
+        def generate(self, prompts, params):
+            calls.append("generate")
+            return [Sample(prompt_ids=list(p), prompt_index=i)
+                    for i, p in enumerate(prompts) for _ in range(params.n)]
+
+        def release_memory(self):
+            calls.append("release")
+
+        def resume_memory(self):
+            calls.append("resume")
+
+    engine = SGLangRolloutEngine.__new__(SGLangRolloutEngine)
+    engine.cfg = load_config(None, ["rollout.engine=sglang"], world_size=1)
+    engine.client, engine._prefetched, engine._released = Client(), None, False
+    monkeypatch.setattr(engine, "_gather_prompts", lambda prompts: (0, {0: list(prompts)}))
+    monkeypatch.setattr(engine, "_lead", lambda action, weights=None: action())
+    params = SamplingParams(n=2)
+    assert len(engine.generate([[1, 2]], params)) == 2
+    assert engine.generate([], params) == []
+    assert len(engine.generate([[3]], params)) == 2
+    assert calls == ["generate", "release", "resume", "release", "resume", "generate", "release"]
