@@ -18,7 +18,7 @@ import yaml
 
 from megatron_rl.algorithms.config import AlgorithmConfig
 from megatron_rl.data.config import DataConfig
-from megatron_rl.errors import ConfigError
+from megatron_rl.errors import ConfigError, FieldError
 from megatron_rl.models.config import ModelConfig
 from megatron_rl.parallel.config import ParallelConfig
 from megatron_rl.rewards.config import RewardConfig
@@ -214,10 +214,17 @@ def from_dict(cls, data: Any, prefix: str = ""):
         if key in kwargs:
             raise ConfigError(f"{dotted}: set twice (once through an alias)")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    for f in dataclasses.fields(cls):
+        required = (f.init and f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING)
+        if required and f.name not in kwargs:
+            raise ConfigError(f"{f'{prefix}.' if prefix else ''}{f.name} is required")
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
+    except FieldError as e:  # an entry of a list: its own key in front of the field's
+        raise ConfigError(f"{where}.{e}") from e
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from e
 

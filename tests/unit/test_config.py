@@ -119,6 +119,41 @@ def test_aliases_map_to_fields():
         from_dict(WithAlias, {"ppo_kl_coef": 0.5, "beta": 1.0})
 
 
+def test_lists_of_dataclasses_name_their_entries():
+    import dataclasses
+    from typing import List
+
+    from megatron_rl.config import from_dict
+    from megatron_rl.errors import FieldError, check_range
+
+    @dataclasses.dataclass
+    class Entry:
+        name: str
+        size: int = 1
+
+        def __post_init__(self):
+            check_range(None, self, "size", 1)
+            if self.name == "x":
+                raise FieldError("name 'x' is not allowed")
+
+    @dataclasses.dataclass
+    class Section:
+        entries: List[Entry] = dataclasses.field(default_factory=list)
+
+    section = from_dict(Section, {"entries": [{"name": "a"}, {"name": "b", "size": 3}]}, "s")
+    assert section.entries == [Entry("a"), Entry("b", 3)]
+    for entries, message in [
+            ([{"name": "a"}, {"size": 2}], "s.entries[1].name is required"),
+            ([{"name": "a", "sise": 2}], "unknown config key 's.entries[0].sise'"),
+            ([{"name": "a", "size": "2"}], "s.entries[0].size: expected an int, got str '2'"),
+            ([{"name": "a"}, {"name": "b", "size": 0}], "s.entries[1].size must be >= 1, got 0"),
+            ([{"name": "x"}], "s.entries[0].name 'x' is not allowed"),
+            ([["a"]], "s.entries[0]: expected a mapping")]:
+        with pytest.raises(ConfigError) as e:
+            from_dict(Section, {"entries": entries}, "s")
+        assert str(e.value).startswith(message), str(e.value)
+
+
 def test_padded_vocab():
     cfg = load_config(None, ["model.vocab_size=151936", "model.make_vocab_size_divisible_by=128"])
     assert cfg.model.padded_vocab_size(1) == 151936
