@@ -104,6 +104,7 @@ class JobConfig:
                 f"rollout.max_new_tokens={self.rollout.max_new_tokens} + {longest} ({which}) "
                 f"= {total} positions, over model.max_position_embeddings="
                 f"{m.max_position_embeddings}")
+        self._validate_evaluation()
         if self.data.task != "dataset" or on_this_host:
             vocab = task_vocab_size(self.data)
             if m.vocab_size < vocab:
@@ -115,6 +116,31 @@ class JobConfig:
             unsupported = sequence_parallel_unsupported(m, p)
             if unsupported:
                 raise ConfigError(unsupported)
+
+    def _validate_evaluation(self) -> None:
+        """data.eval_sets against the model and reward sections; training.law_metric against
+        the metrics the evaluation logs."""
+        from megatron_rl.analysis.validation import eval_metric_keys
+        from megatron_rl.rewards.pool import reward_fn_target
+
+        positions = self.model.max_position_embeddings
+        for index, entry in enumerate(self.data.eval_sets):
+            key = f"data.eval_sets[{index}]"
+            if entry.max_new_tokens is not None and entry.max_new_tokens + 1 > positions:
+                raise ConfigError(
+                    f"{key}.max_new_tokens={entry.max_new_tokens} + 1 (at least one prompt "
+                    f"token) = {entry.max_new_tokens + 1} positions, over "
+                    f"model.max_position_embeddings={positions}")
+            if entry.reward is not None:
+                try:
+                    reward_fn_target(entry.reward, self.reward.allowed_modules)
+                except (ValueError, PermissionError) as e:
+                    raise ConfigError(f"{key}.reward: {e}") from None
+        accuracies = [k for k in eval_metric_keys(self)
+                      if not k.endswith(("/response_tokens", "/truncated"))]
+        if self.training.law_metric not in accuracies:
+            raise ConfigError(f"training.law_metric={self.training.law_metric!r} is not an "
+                              f"accuracy this config logs; one of: {', '.join(accuracies)}")
 
 
 # ---------------------------------------------------------------------------------------------
