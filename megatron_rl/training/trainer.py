@@ -146,6 +146,7 @@ class RLTrainer:
         self.dp_group = mpu.get_data_parallel_group()
         self.tp_group = mpu.get_tensor_model_parallel_group()
         self.eval_prompts = self.task.eval_prompts[info.dp_rank::info.dp_size]
+        self.eval_sets = self._build_eval_sets()
         self.sampling = SamplingParams(temperature=rc.temperature, top_p=rc.top_p,
                                        top_k=rc.top_k, max_new_tokens=rc.max_new_tokens,
                                        n=alg.n, stop_token_ids=(self.task.eos_id,))
@@ -374,16 +375,36 @@ class RLTrainer:
         """SGLang engines get the new weights; the built-in engine reads them in place."""
         self.engine.update_weights()
 
-    def evaluate(self, step: int) -> Dict[str, float]:
-        from megatron_rl.analysis.validation import evaluate
+    def _build_eval_sets(self):
+        """The evaluation sets (analysis/validation.py eval_specs): data.eval_sets, or the
+        task's held-out set. A set scored by reward.fn goes through score_texts; another reward
+        spec gets its own Scorer, whose faults count in reward/*_total too."""
+        from megatron_rl.analysis.validation import build_eval_sets
+        from megatron_rl.rewards.scoring import Scorer
 
-        t, rc = self.cfg.training, self.cfg.rollout
-        return evaluate(self.engine, self.eval_prompts, self.task.decode, self.score_texts,
-                        max_new_tokens=rc.max_new_tokens, stop_token_ids=(self.task.eos_id,),
-                        avg_k=t.eval_avg_k, temperature=t.eval_temperature,
-                        greedy=t.eval_greedy,
-                        seed=derive_seed(rc.seed, step, self.info.dp_rank, 7),
-                        dp_group=self.dp_group)
+        self.eval_scorers = {}
+
+        def score_for(spec: str):
+            if spec == self.cfg.reward.fn:
+                return self.score_texts
+            if spec not in self.eval_scorers:
+                self.eval_scorers[spec] = Scorer(spec, self.cfg.reward, self.task.score,
+                                                 self.reward_faults)
+            return self.eval_scorers[spec]
+
+        return build_eval_sets(self.cfg, self.task, score_for, self.info.dp_rank,
+                               self.info.dp_size)
+
+    def evaluate(self, step: int) -> Dict[str, float]:
+        """Every evaluation set's metrics, eval/mean/accuracy with data.eval_sets, and
+        eval_accuracy: the value of training.law_metric, what the law and the plots use."""
+        from megatron_rl.analysis.validation import run_evaluation
+
+        _, record = run_evaluation(
+            self.engine, self.eval_sets, self.task.decode, stop_token_ids=(self.task.eos_id,),
+            seed=derive_seed(self.cfg.rollout.seed, step, self.info.dp_rank, 7),
+            dp_group=self.dp_group, law_metric=self.cfg.training.law_metric)
+        return record
 
     def dp_mean(self, value: float) -> float:
         x = torch.tensor([value], dtype=torch.float64)
@@ -508,6 +529,8 @@ class RLTrainer:
             self.bar.close()
         if self.reward_pool is not None:
             self.reward_pool.close()
+        for scorer in getattr(self, "eval_scorers", {}).values():
+            scorer.close()
         if self.sinks is not None:
             self.sinks.close()
         for sig, handler in self._previous_handlers.items():
