@@ -71,14 +71,15 @@ def evaluate_model(cfg, task, source: str, hf: bool, step: int, engine_dir: str)
     """Build the config's model in its layout, load `source` into it, evaluate every set with
     the config's engine. Collective: every rank. Returns (per-set results, metrics record,
     reward faults, this process's global rank)."""
+    import torch
+    import torch.distributed as dist
+
     from megatron_rl.analysis.validation import build_eval_sets, run_evaluation
     from megatron_rl.models.gpt import build_gpt_model
     from megatron_rl.parallel import state
     from megatron_rl.rewards.scoring import Scorer
     from megatron_rl.rollout.factory import build_rollout_engine
     from megatron_rl.seeds import derive_seed
-
-    import torch.distributed as dist
 
     owns_group = not dist.is_initialized()  # a caller's process group stays the caller's
     info = state.initialize(cfg.parallel)  # also patches megatron-core on CPU hosts: first
@@ -117,7 +118,11 @@ def evaluate_model(cfg, task, source: str, hf: bool, step: int, engine_dir: str)
             engine, sets, task.decode, stop_token_ids=(task.eos_id,),
             seed=derive_seed(cfg.rollout.seed, step, info.dp_rank, 7),
             dp_group=mpu.get_data_parallel_group(), law_metric=cfg.training.law_metric)
-        return results, record, dict(faults), info.rank
+        # each data-parallel replica scored its own samples (its TP/PP peers the same ones)
+        names = sorted(faults)
+        counts = torch.tensor([float(faults[n]) for n in names], dtype=torch.float64)
+        dist.all_reduce(counts, group=mpu.get_data_parallel_group())
+        return results, record, dict(zip(names, map(int, counts.tolist()))), info.rank
     finally:
         if engine is not None:
             engine.shutdown()
