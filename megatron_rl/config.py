@@ -18,7 +18,7 @@ import yaml
 
 from megatron_rl.algorithms.config import AlgorithmConfig
 from megatron_rl.data.config import DataConfig
-from megatron_rl.errors import ConfigError
+from megatron_rl.errors import ConfigError, FieldError
 from megatron_rl.models.config import ModelConfig
 from megatron_rl.parallel.config import ParallelConfig
 from megatron_rl.rewards.config import RewardConfig
@@ -104,6 +104,7 @@ class JobConfig:
                 f"rollout.max_new_tokens={self.rollout.max_new_tokens} + {longest} ({which}) "
                 f"= {total} positions, over model.max_position_embeddings="
                 f"{m.max_position_embeddings}")
+        self._validate_evaluation()
         if self.data.task != "dataset" or on_this_host:
             vocab = task_vocab_size(self.data)
             if m.vocab_size < vocab:
@@ -115,6 +116,31 @@ class JobConfig:
             unsupported = sequence_parallel_unsupported(m, p)
             if unsupported:
                 raise ConfigError(unsupported)
+
+    def _validate_evaluation(self) -> None:
+        """data.eval_sets against the model and reward sections; training.law_metric against
+        the metrics the evaluation logs."""
+        from megatron_rl.analysis.validation import eval_metric_keys
+        from megatron_rl.rewards.pool import reward_fn_target
+
+        positions = self.model.max_position_embeddings
+        for index, entry in enumerate(self.data.eval_sets):
+            key = f"data.eval_sets[{index}]"
+            if entry.max_new_tokens is not None and entry.max_new_tokens + 1 > positions:
+                raise ConfigError(
+                    f"{key}.max_new_tokens={entry.max_new_tokens} + 1 (at least one prompt "
+                    f"token) = {entry.max_new_tokens + 1} positions, over "
+                    f"model.max_position_embeddings={positions}")
+            if entry.reward is not None:
+                try:
+                    reward_fn_target(entry.reward, self.reward.allowed_modules)
+                except (ValueError, PermissionError) as e:
+                    raise ConfigError(f"{key}.reward: {e}") from None
+        accuracies = [k for k in eval_metric_keys(self)
+                      if not k.endswith(("/response_tokens", "/truncated"))]
+        if self.training.law_metric not in accuracies:
+            raise ConfigError(f"training.law_metric={self.training.law_metric!r} is not an "
+                              f"accuracy this config logs; one of: {', '.join(accuracies)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,10 +249,17 @@ def from_dict(cls, data: Any, prefix: str = ""):
         if key in kwargs:
             raise ConfigError(f"{dotted}: set twice (once through an alias)")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    for f in dataclasses.fields(cls):
+        required = (f.init and f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING)
+        if required and f.name not in kwargs:
+            raise ConfigError(f"{f'{prefix}.' if prefix else ''}{f.name} is required")
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
+    except FieldError as e:  # an entry of a list: its own key in front of the field's
+        raise ConfigError(f"{where}.{e}") from e
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from e
 

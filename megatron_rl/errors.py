@@ -1,9 +1,16 @@
 """Errors the package raises on purpose, in a leaf module so any layer can raise them without
 importing the layer that catches them."""
+from typing import Optional
 
 
 class ConfigError(ValueError):
     """A config value, file or override that cannot run; the message names the key."""
+
+
+class FieldError(ValueError):
+    """A field's value that cannot run, in a config dataclass that has no key of its own: an entry
+    of a list (data.eval_sets[1]). The message starts with the field's name; the config loader
+    puts the entry's key in front (`data.eval_sets[1].temperature must be ...`)."""
 
 
 class EngineError(RuntimeError):
@@ -20,12 +27,13 @@ class OutputDirError(RuntimeError):
     run that this one would silently mix into or replace."""
 
 
-def check_range(section: str, config, name: str, low=None, high=None, *, low_open=False,
-                high_open=False, null: str = "") -> None:
+def check_range(section: Optional[str], config, name: str, low=None, high=None, *,
+                low_open=False, high_open=False, null: str = "") -> None:
     """Raise ValueError naming `section.name` unless the field's value lies in the interval
     low..high (closed ends unless low_open / high_open; None: unbounded). null: what None
     means, for a field that may be null. The config loader turns the ValueError of a
-    dataclass's __post_init__ into a ConfigError."""
+    dataclass's __post_init__ into a ConfigError. section None: a FieldError naming the field
+    alone, for a dataclass whose key the loader knows (an entry of a list)."""
     value = getattr(config, name)
     if value is None and null:
         return
@@ -41,6 +49,8 @@ def check_range(section: str, config, name: str, low=None, high=None, *, low_ope
         requirement = (f"in {'(' if low_open else '['}{low}, {high}"
                        f"{')' if high_open else ']'}")
     shown = f" (or null: {null})" if null else ""
+    if section is None:
+        raise FieldError(f"{name} must be {requirement}{shown}, got {value}")
     raise ValueError(f"{section}.{name} must be {requirement}{shown}, got {value}")
 
 

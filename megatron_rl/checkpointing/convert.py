@@ -14,6 +14,9 @@ metadata; peak memory is about the largest single tensor.
 
 MEGATRON_DIR also holds model_config.yaml (the ModelConfig) and hf_files/ (config.json, tokenizer
 and every other non-weight file of the source folder), so megatron-to-hf needs only --input.
+
+load_hf_weights puts an HF folder's weights straight into a built model of any TP/PP layout,
+with no checkpoint written (`python -m megatron_rl.evaluate --hf`).
 """
 import dataclasses
 import json
@@ -28,8 +31,8 @@ import yaml
 from megatron_rl.checkpointing.model import verify_checkpoint_metadata
 from megatron_rl.models.config import ModelConfig
 from megatron_rl.models.hf_mapping import (
-    ConversionError, expected_hf_shapes, hf_config_from_model_config, megatron_tensor_from_hf,
-    megatron_to_hf_tensors, model_config_from_hf)
+    ConversionError, expected_hf_shapes, hf_config_from_model_config, hf_names,
+    megatron_tensor_from_hf, megatron_to_hf_tensors, model_config_from_hf)
 
 MODEL_CONFIG_FILE = "model_config.yaml"
 HF_FILES_DIR = "hf_files"
@@ -526,3 +529,53 @@ def export_hf_checkpoint(checkpoint_dir: str, out_dir: str, model_config: Option
     _write_hf_config(checkpoint_dir, out_dir, cfg, dtype)
     return files
 
+
+
+# ---------------------------------------------------------------------------------------------
+# HF folder -> a built model, in memory
+
+# what an HF config.json sets that the tensor shapes do not show
+_UNSHAPED_FIELDS = ("rotary_base", "rope_scaling_factor", "norm_epsilon")
+
+
+def load_hf_weights(model, hf_dir: str, cfg: ModelConfig) -> None:
+    """This rank's shard of `model` (built from `cfg` in any TP/PP layout, DDP-wrapped or not)
+    from the HF folder's safetensors, with no checkpoint written: each parameter is made from HF
+    tensors by the converter's mapping (megatron_tensor_from_hf), vocabulary rows padded with
+    zeros as hf-to-megatron writes them, then this rank's tensor-parallel slice is taken (SwiGLU's
+    fc1 as [gate_r; up_r]). The folder is checked against `cfg` first: the tensors and their
+    shapes, and the config.json fields that change outputs without changing a shape (RoPE base
+    and scaling, norm epsilon). Needs the model-parallel groups (megatron's parallel_state)."""
+    from megatron.core import parallel_state as mpu
+
+    from megatron_rl.models.unwrap import unwrap_model
+    from megatron_rl.parallel.gather import global_layer_name, is_gated_fc1
+
+    source = os.path.join(hf_dir, "config.json")
+    found = model_config_from_hf(read_hf_config(hf_dir), source)
+    for name in _UNSHAPED_FIELDS:
+        if getattr(found, name) != getattr(cfg, name):
+            raise ConversionError(f"{source} gives model.{name}={getattr(found, name)}, the "
+                                  f"config has {getattr(cfg, name)}")
+    reader = HFSafetensorsReader(hf_dir)
+    reader.check_against(cfg)
+    tp = mpu.get_tensor_model_parallel_world_size()
+    rank = mpu.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for local_name, param in unwrap_model(model).named_parameters():
+            name = global_layer_name(local_name, model)
+            full = megatron_tensor_from_hf(name, reader.get, cfg)
+            split = getattr(param, "tensor_model_parallel", False) and tp > 1
+            rows = param.shape[0] * (tp if split and param.partition_dim == 0 else 1)
+            if name.endswith(("word_embeddings.weight", "output_layer.weight")) and (
+                    rows > full.shape[0]):  # vocabulary padding
+                full = torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
+            if split:
+                dim = param.partition_dim
+                parts = full.chunk(2, dim) if is_gated_fc1(name) else [full]
+                full = torch.cat([part.chunk(tp, dim)[rank] for part in parts], dim)
+            if tuple(full.shape) != tuple(param.shape):
+                raise ConversionError(f"{hf_dir}: {', '.join(hf_names(name, cfg)) or name} "
+                                      f"make a {tuple(full.shape)} shard of {name}, the model "
+                                      f"holds {tuple(param.shape)}")
+            param.copy_(full.to(param.dtype))

@@ -37,6 +37,7 @@ class PromptDataset:
     examples: list[tuple[list[int], str]]  # (prompt token ids, ground-truth answer)
     skipped: Counter = field(default_factory=Counter)  # skip reason -> rows (on_invalid="skip")
     source: str = ""
+    locations: list[str] = field(default_factory=list)  # each example's "line N" / "row N"
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -182,6 +183,7 @@ def load_prompt_dataset(
     apply_chat_template: bool = True,
     max_positions: int | None = None,
     max_new_tokens: int = 0,
+    max_new_tokens_key: str = "rollout.max_new_tokens",
 ) -> PromptDataset:
     """Tokenize every row of a .jsonl or .parquet prompt file.
 
@@ -189,7 +191,7 @@ def load_prompt_dataset(
     prompt, prompt longer than `max_prompt_tokens`, or than the `max_positions` of the model
     less the `max_new_tokens` of a response) raises DataError naming file, line (jsonl, 1-based)
     or row (parquet, 0-based) and field; with on_invalid="skip" it is dropped and counted in
-    `skipped` by reason.
+    `skipped` by reason. `max_new_tokens_key`: the config key the too-long message names.
     Prompts are never truncated. A plain-text prompt becomes a single user message when the
     tokenizer has a chat template and `apply_chat_template`; chat-message prompts need one.
     """
@@ -232,7 +234,7 @@ def load_prompt_dataset(
                                             f"max_prompt_tokens={max_prompt_tokens}")
             if max_positions is not None and len(ids) + max_new_tokens > max_positions:
                 raise _RowError("too_long", f"field '{prompt_key}' is {len(ids)} tokens + "
-                                            f"rollout.max_new_tokens={max_new_tokens} = "
+                                            f"{max_new_tokens_key}={max_new_tokens} = "
                                             f"{len(ids) + max_new_tokens} positions, over "
                                             f"model.max_position_embeddings={max_positions}")
         except _RowError as e:
@@ -241,6 +243,7 @@ def load_prompt_dataset(
             dataset.skipped[e.reason] += 1
             continue
         dataset.examples.append((list(ids), answer))
+        dataset.locations.append(location)
 
     if dataset.skipped:
         logger.warning("%s: skipped %d invalid rows (%s); kept %d", path,

@@ -1,8 +1,9 @@
 """What the RL loop needs from a task: token ids of each step's prompts with their answers,
-held-out prompts, how to read and score a response, the vocabulary the model must cover, and
-for the built-in tasks the demonstrations of the supervised warm start."""
+held-out prompts (and the data.eval_sets files, loaded), how to read and score a response, the
+vocabulary the model must cover, and for the built-in tasks the demonstrations of the supervised
+warm start."""
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from megatron_rl.data.synthetic import (CharTokenizer, addition_problems, addition_prompt_tokens,
@@ -26,6 +27,15 @@ def resample_seed(seed: int, step: int, round: int) -> int:
 
 
 @dataclass
+class EvalPrompts:
+    """One data.eval_sets entry, loaded: its prompts (the first max_prompts usable rows) and the
+    rows skipped by reason (data.on_invalid=skip)."""
+    name: str
+    prompts: List[Prompt]
+    skipped: dict
+
+
+@dataclass
 class Task:
     vocab_size: int
     eos_id: int
@@ -41,6 +51,8 @@ class Task:
     score: Callable[[Sequence[str], Sequence[str]], List[float]] = exact_score
     # (count, seed) -> (prompt text, response text) pairs for the warm start; None: no warm start
     demonstrations: Optional[Callable[[int, int], List[Tuple[str, str]]]] = None
+    # data.eval_sets, in their order (eval_prompts is then empty)
+    eval_sets: List[EvalPrompts] = field(default_factory=list)
 
 
 def task_vocab_size(d) -> int:
@@ -75,7 +87,10 @@ def _check_resample_pool(cfg, empty: bool) -> None:
                           f"among the data.eval_prompts={cfg.data.eval_prompts} held out")
 
 
-def build_task(cfg) -> Task:
+def build_task(cfg, training_prompts: bool = True) -> Task:
+    """The task of JobConfig `cfg`. training_prompts=False (the evaluator): data.path is not
+    read when nothing needs it (data.eval_sets given, data.eval_disjoint off), and
+    prompts_for_step then raises."""
     d = cfg.data
     if d.task == "addition":
         tokenizer = CharTokenizer()
@@ -110,31 +125,72 @@ def build_task(cfg) -> Task:
     tokenizer = load_tokenizer(d.tokenizer_dir)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer in {d.tokenizer_dir} has no eos token to stop on")
-    dataset = load_prompt_dataset(d.path, tokenizer, prompt_key=d.prompt_key,
-                                  answer_key=d.answer_key, max_prompt_tokens=d.max_prompt_tokens,
-                                  on_invalid=d.on_invalid,
-                                  apply_chat_template=d.apply_chat_template,
-                                  # a prompt the model has no room to answer fails here,
-                                  # not when a step draws it
-                                  max_positions=cfg.model.max_position_embeddings,
-                                  max_new_tokens=cfg.rollout.max_new_tokens)
-    # No separate eval file yet: a fixed draw from the training prompts (which the steps'
-    # stream also draws). The extra prompts of dynamic sampling leave them out.
-    eval_prompts = dataset.batch(0, d.eval_prompts, d.eval_seed)
+
+    def load(path, prompt_key, answer_key, max_new_tokens, max_new_tokens_key):
+        return load_prompt_dataset(path, tokenizer, prompt_key=prompt_key, answer_key=answer_key,
+                                   max_prompt_tokens=d.max_prompt_tokens, on_invalid=d.on_invalid,
+                                   apply_chat_template=d.apply_chat_template,
+                                   # a prompt the model has no room to answer fails here, not
+                                   # when a step (or an evaluation) draws it
+                                   max_positions=cfg.model.max_position_embeddings,
+                                   max_new_tokens=max_new_tokens,
+                                   max_new_tokens_key=max_new_tokens_key)
+
+    dataset = None
+    if training_prompts or not d.eval_sets or d.eval_disjoint:
+        dataset = load(d.path, d.prompt_key, d.answer_key, cfg.rollout.max_new_tokens,
+                       "rollout.max_new_tokens")
+    loaded = []
+    for index, entry in enumerate(d.eval_sets):
+        key = (f"data.eval_sets[{index}].max_new_tokens" if entry.max_new_tokens
+               else "rollout.max_new_tokens")
+        rows = load(entry.path, entry.prompt_key or d.prompt_key,
+                    entry.answer_key or d.answer_key,
+                    entry.max_new_tokens or cfg.rollout.max_new_tokens, key)
+        count = len(rows) if entry.max_prompts is None else entry.max_prompts
+        if d.eval_disjoint:
+            check_disjoint(dataset, d.path, rows, f"data.eval_sets[{index}] ({entry.name})",
+                           count)
+        loaded.append(EvalPrompts(entry.name, rows.examples[:count], dict(rows.skipped)))
+
+    def prompts_for_step(step, count):
+        if dataset is None:
+            raise RuntimeError("this task was built without its training prompts")
+        return dataset.batch(step, count, d.seed)
+
+    # without eval sets: a fixed draw from the training prompts (which the steps' stream also
+    # draws; the extra prompts of dynamic sampling leave them out)
+    eval_prompts = [] if d.eval_sets else dataset.batch(0, d.eval_prompts, d.eval_seed)
 
     @functools.cache
-    def resample_pool() -> List[int]:  # rows whose prompt is not an eval prompt
+    def resample_pool() -> List[int]:  # training rows whose prompt is no evaluation prompt
         held_out = {tuple(ids) for ids, _ in eval_prompts}
+        held_out |= {tuple(ids) for entry in loaded for ids, _ in entry.prompts}
         return [i for i, (ids, _) in enumerate(dataset.examples) if tuple(ids) not in held_out]
 
-    if cfg.algorithm.filter_equal_groups == "resample":
+    if cfg.algorithm.filter_equal_groups == "resample" and dataset is not None:
         _check_resample_pool(cfg, not resample_pool())
     return Task(
         vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id,
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-        prompts_for_step=lambda step, count: dataset.batch(step, count, d.seed),
+        prompts_for_step=prompts_for_step,
         prompts_for_resample=lambda step, round, count: [
             dataset.examples[i]
             for i in draw(resample_pool(), count, resample_seed(d.seed, step, round))],
         eval_prompts=eval_prompts,
-        skipped_rows=dict(dataset.skipped))
+        skipped_rows=dict(dataset.skipped) if dataset is not None else {},
+        eval_sets=loaded)
+
+
+def check_disjoint(train, train_path: str, eval_rows, what: str, count: int) -> None:
+    """DataError unless none of the first `count` prompts of eval set `eval_rows` (`what`
+    names it) is a prompt of the training file: the same token ids after the chat template."""
+    from megatron_rl.data.prompts import DataError
+
+    seen = {}
+    for (ids, _), location in zip(train.examples, train.locations):
+        seen.setdefault(tuple(ids), location)
+    for (ids, _), location in zip(eval_rows.examples[:count], eval_rows.locations):
+        if tuple(ids) in seen:
+            raise DataError(f"data.eval_disjoint=true: {eval_rows.source} {location} ({what}) "
+                            f"is the prompt of {train_path} {seen[tuple(ids)]} (data.path)")

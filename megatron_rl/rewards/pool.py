@@ -29,12 +29,10 @@ BUILTIN_REWARD_FNS = {
 WORKER_START_TIMEOUT_S = 120.0  # spawn + imports (sympy, torch via the fn's package) on a busy host
 
 
-def load_reward_fn(spec: str, allowed_modules: Iterable[str] = ()) -> RewardFn:
-    """The reward function named by `spec`: "math", "exact" or "package.module:function".
-
-    A user module must be one of `allowed_modules` or inside one of those packages; the check runs
-    before the import, because importing a module already executes its code.
-    """
+def reward_fn_target(spec: str, allowed_modules: Iterable[str] = ()) -> tuple[str, str]:
+    """(module, attribute) of the reward function `spec` names, checked without importing
+    anything: ValueError for a malformed spec, PermissionError for a module outside
+    `allowed_modules` (and their subpackages)."""
     target = BUILTIN_REWARD_FNS.get(spec, spec)
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute.isidentifier() or module_name.startswith("."):
@@ -46,6 +44,16 @@ def load_reward_fn(spec: str, allowed_modules: Iterable[str] = ()) -> RewardFn:
             raise PermissionError(
                 f"reward function {spec!r}: module '{module_name}' is not in "
                 f"reward.allowed_modules {allowed}")
+    return module_name, attribute
+
+
+def load_reward_fn(spec: str, allowed_modules: Iterable[str] = ()) -> RewardFn:
+    """The reward function named by `spec`: "math", "exact" or "package.module:function".
+
+    A user module must be one of `allowed_modules` or inside one of those packages; the check runs
+    before the import, because importing a module already executes its code.
+    """
+    module_name, attribute = reward_fn_target(spec, allowed_modules)
     fn = getattr(importlib.import_module(module_name), attribute, None)
     if fn is None:
         raise ValueError(f"reward function {spec!r}: module '{module_name}' has no attribute "

@@ -40,6 +40,11 @@ class TrainingConfig:
     # false: eval_accuracy (the law's R, the plots' accuracy) is avg@eval_avg_k at
     # eval_temperature instead of greedy accuracy
     eval_greedy: bool = True
+    # The logged metric the entropy law fits and the plots show as eval_accuracy (which always
+    # holds its value): "eval_accuracy" is the held-out set's accuracy above, or with
+    # data.eval_sets their weighted mean eval/mean/accuracy; any other key the evaluation logs
+    # (e.g. "eval/aime/accuracy") is checked against the config at load (docs/analysis.md).
+    law_metric: str = "eval_accuracy"
     # Entropy-dynamics probe every N steps (0: off): actual vs first-order predicted entropy
     # change over the first optimizer step of the step (docs/analysis.md).
     probe_interval: int = 0

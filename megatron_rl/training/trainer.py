@@ -63,7 +63,8 @@ class RLTrainer:
         optimizer, rollout engine, metric sinks. `resume`: "none", "auto" (the newest checkpoint
         under training.output_dir/checkpoints, if any) or a checkpoint path. Collective."""
         self.cfg = cfg
-        self.model = self.ref_model = self.reward_pool = self.sinks = None
+        self.model = self.ref_model = self.sinks = None
+        self.scorers: Dict[str, object] = {}
         self.engine: Optional[RolloutEngine] = None
         self.bar = None
         self._closed = False
@@ -88,7 +89,6 @@ class RLTrainer:
         from megatron_rl.data.task import build_task
         from megatron_rl.models.gpt import build_gpt_model
         from megatron_rl.parallel import state
-        from megatron_rl.rewards.pool import RewardPool, load_reward_fn
         from megatron_rl.rollout.factory import build_rollout_engine
         from megatron_rl.training.actor import build_reference_model
         from megatron_rl.training.optimizer import (build_lr_scheduler, build_optimizer,
@@ -99,13 +99,11 @@ class RLTrainer:
         cfg, t, rc, alg = self.cfg, self.cfg.training, self.cfg.rollout, self.cfg.algorithm
         self.info = info = state.initialize(cfg.parallel)
         self.task = build_task(cfg)
-        # Verifiers other than the task's own ("exact") run in worker processes with a timeout
-        # (a hung or crashing check scores 0 and is counted, never stalls the step).
-        if cfg.reward.fn != "exact":
-            self.reward_pool = RewardPool(
-                load_reward_fn(cfg.reward.fn, cfg.reward.allowed_modules), cfg.reward.workers,
-                cfg.reward.timeout_s, cfg.reward.memory_limit_mb)
         self.reward_faults = {"timeout": 0, "error": 0, "memory": 0, "invalid": 0}
+        # Verifiers other than the task's own ("exact") run in worker processes with a timeout
+        # (a hung or crashing check scores 0 and is counted, never stalls the step); built now
+        # so that a reward.fn that does not import fails before the model is built.
+        self.scorer(cfg.reward.fn)
         self.is_logger = info.is_last_pp_stage and info.tp_rank == 0 and info.dp_rank == 0
         setup_logging(self.is_logger)
         self.out_dir, self.ckpt_root = t.output_dir, os.path.join(t.output_dir, "checkpoints")
@@ -152,6 +150,7 @@ class RLTrainer:
         self.dp_group = mpu.get_data_parallel_group()
         self.tp_group = mpu.get_tensor_model_parallel_group()
         self.eval_prompts = self.task.eval_prompts[info.dp_rank::info.dp_size]
+        self.eval_sets = self._build_eval_sets()
         self.sampling = SamplingParams(temperature=rc.temperature, top_p=rc.top_p,
                                        top_k=rc.top_k, max_new_tokens=rc.max_new_tokens,
                                        n=alg.n, stop_token_ids=(self.task.eos_id,))
@@ -349,28 +348,24 @@ class RLTrainer:
                         f"other {rc.prompts_per_step - informative:.0f} get no loss")
         return kept
 
+    def scorer(self, spec: str):
+        """The Scorer of reward spec `spec` (rewards/scoring.py: the task's check in this
+        process, or reward workers with a timeout; a reward that is not a finite number in
+        [reward.min_value, reward.max_value] is a verifier fault: 0, counted, logged). One per
+        spec, all counting their faults in reward_faults (reward/*_total)."""
+        from megatron_rl.rewards.scoring import Scorer
+
+        if spec not in self.scorers:
+            # the task's check looked up at each call (tests replace it)
+            self.scorers[spec] = Scorer(spec, self.cfg.reward,
+                                        lambda responses, answers: self.task.score(responses,
+                                                                                   answers),
+                                        self.reward_faults)
+        return self.scorers[spec]
+
     def score_texts(self, responses: List[str], answers: List[str]) -> List[float]:
-        """Rewards from the task's check or the reward workers. A reward that is not a finite
-        number in [reward.min_value, reward.max_value] is a verifier fault like a crash or a
-        timeout: 0, counted, logged; it never reaches the advantages."""
-        if self.reward_pool is None:
-            rewards = self.task.score(responses, answers)
-        else:
-            rewards, counts = self.reward_pool.score(list(zip(responses, answers)))
-            for key, value in counts.items():
-                if key in self.reward_faults:
-                    self.reward_faults[key] += value
-        low, high = self.cfg.reward.min_value, self.cfg.reward.max_value
-        checked = []
-        for index, reward in enumerate(rewards):
-            valid = isinstance(reward, (int, float)) and math.isfinite(reward) \
-                and low <= reward <= high
-            if not valid:
-                self.reward_faults["invalid"] += 1
-                logger.warning("reward of response %d is %r, outside [%g, %g] or not finite: "
-                               "scored 0 (reward/invalid_total)", index, reward, low, high)
-            checked.append(float(reward) if valid else 0.0)
-        return checked
+        """Training rewards: reward.fn's scorer."""
+        return self.scorer(self.cfg.reward.fn)(responses, answers)
 
     def score(self, batch: RolloutBatch) -> None:
         if batch.rewards is not None:  # scored in rollout (dynamic sampling)
@@ -447,16 +442,24 @@ class RLTrainer:
         """SGLang engines get the new weights; the built-in engine reads them in place."""
         self.engine.update_weights()
 
-    def evaluate(self, step: int) -> Dict[str, float]:
-        from megatron_rl.analysis.validation import evaluate
+    def _build_eval_sets(self):
+        """The evaluation sets (analysis/validation.py eval_specs): data.eval_sets, or the
+        task's held-out set, each scored by its reward spec's Scorer."""
+        from megatron_rl.analysis.validation import build_eval_sets
 
-        t, rc = self.cfg.training, self.cfg.rollout
-        return evaluate(self.engine, self.eval_prompts, self.task.decode, self.score_texts,
-                        max_new_tokens=rc.max_new_tokens, stop_token_ids=(self.task.eos_id,),
-                        avg_k=t.eval_avg_k, temperature=t.eval_temperature,
-                        greedy=t.eval_greedy,
-                        seed=derive_seed(rc.seed, step, self.info.dp_rank, 7),
-                        dp_group=self.dp_group)
+        return build_eval_sets(self.cfg, self.task, self.scorer, self.info.dp_rank,
+                               self.info.dp_size)
+
+    def evaluate(self, step: int) -> Dict[str, float]:
+        """Every evaluation set's metrics, eval/mean/accuracy with data.eval_sets, and
+        eval_accuracy: the value of training.law_metric, what the law and the plots use."""
+        from megatron_rl.analysis.validation import run_evaluation
+
+        _, record = run_evaluation(
+            self.engine, self.eval_sets, self.task.decode, stop_token_ids=(self.task.eos_id,),
+            seed=derive_seed(self.cfg.rollout.seed, step, self.info.dp_rank, 7),
+            dp_group=self.dp_group, law_metric=self.cfg.training.law_metric)
+        return record
 
     def dp_mean(self, value: float) -> float:
         x = torch.tensor([value], dtype=torch.float64)
@@ -490,7 +493,7 @@ class RLTrainer:
         trained_tokens = self.dp_mean(float(sum(mb.tokens.numel() for mini in batch.mini_batches
                                                 for mb in mini))) * n_dp * t.ppo_epochs
         record["train_tokens_per_s"] = trained_tokens / max(train_time_s, 1e-9)
-        if self.reward_pool is not None or self.reward_faults["invalid"]:
+        if self.cfg.reward.fn != "exact" or any(self.reward_faults.values()):
             record.update({f"reward/{k}_total": v for k, v in self.reward_faults.items()})
         if self.task.skipped_rows and step == self.start_step + 1:
             record.update({f"data/skipped_{k}": v for k, v in self.task.skipped_rows.items()})
@@ -580,8 +583,8 @@ class RLTrainer:
             self.engine.shutdown()
         if self.bar is not None:
             self.bar.close()
-        if self.reward_pool is not None:
-            self.reward_pool.close()
+        for scorer in self.scorers.values():
+            scorer.close()
         if self.sinks is not None:
             self.sinks.close()
         for sig, handler in self._previous_handlers.items():

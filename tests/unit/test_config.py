@@ -131,6 +131,41 @@ def test_aliases_map_to_fields():
         from_dict(WithAlias, {"ppo_kl_coef": 0.5, "beta": 1.0})
 
 
+def test_lists_of_dataclasses_name_their_entries():
+    import dataclasses
+    from typing import List
+
+    from megatron_rl.config import from_dict
+    from megatron_rl.errors import FieldError, check_range
+
+    @dataclasses.dataclass
+    class Entry:
+        name: str
+        size: int = 1
+
+        def __post_init__(self):
+            check_range(None, self, "size", 1)
+            if self.name == "x":
+                raise FieldError("name 'x' is not allowed")
+
+    @dataclasses.dataclass
+    class Section:
+        entries: List[Entry] = dataclasses.field(default_factory=list)
+
+    section = from_dict(Section, {"entries": [{"name": "a"}, {"name": "b", "size": 3}]}, "s")
+    assert section.entries == [Entry("a"), Entry("b", 3)]
+    for entries, message in [
+            ([{"name": "a"}, {"size": 2}], "s.entries[1].name is required"),
+            ([{"name": "a", "sise": 2}], "unknown config key 's.entries[0].sise'"),
+            ([{"name": "a", "size": "2"}], "s.entries[0].size: expected an int, got str '2'"),
+            ([{"name": "a"}, {"name": "b", "size": 0}], "s.entries[1].size must be >= 1, got 0"),
+            ([{"name": "x"}], "s.entries[0].name 'x' is not allowed"),
+            ([["a"]], "s.entries[0]: expected a mapping")]:
+        with pytest.raises(ConfigError) as e:
+            from_dict(Section, {"entries": entries}, "s")
+        assert str(e.value).startswith(message), str(e.value)
+
+
 def test_padded_vocab():
     cfg = load_config(None, ["model.vocab_size=151936", "model.make_vocab_size_divisible_by=128"])
     assert cfg.model.padded_vocab_size(1) == 151936
@@ -320,3 +355,143 @@ def test_non_finite_floats_are_refused(key, value):
 ])
 def test_values_at_the_edges_are_accepted(overrides):
     load_config(None, overrides, world_size=1)
+
+
+# -- data.eval_sets ----------------------------------------------------------------------------
+
+DATASET = ["data.task=dataset", "data.path=train.jsonl", "data.tokenizer_dir=tokenizer",
+           "training.sft_steps=0"]
+
+
+def eval_sets_override(*entries):
+    return "data.eval_sets=[" + ", ".join("{" + e + "}" for e in entries) + "]"
+
+
+# Every numeric field of a data.eval_sets entry with values out of its range, as OUT_OF_RANGE
+# for the sections (an entry has no key of its own for key=value overrides, so the values go in
+# through a whole data.eval_sets=[...] override and the error names data.eval_sets[0].<field>).
+EVAL_SET_OUT_OF_RANGE = {
+    "temperature": [-0.1], "samples": [0, -1], "top_p": [0, 1.5], "max_new_tokens": [0, 512],
+    "weight": [-1], "max_prompts": [0],
+}
+
+
+def test_every_numeric_eval_set_field_is_listed():
+    import dataclasses
+    import typing
+
+    from megatron_rl.data.config import EvalSetConfig
+
+    keys = [key for key, _ in numeric_fields(EvalSetConfig)]
+    assert sorted(keys) == sorted(EVAL_SET_OUT_OF_RANGE)
+
+    def list_fields(cls, prefix=""):  # every list of dataclasses in JobConfig
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                yield from list_fields(tp, f"{prefix}{f.name}.")
+            elif typing.get_origin(tp) is list and dataclasses.is_dataclass(
+                    typing.get_args(tp)[0]):
+                yield f"{prefix}{f.name}", typing.get_args(tp)[0]
+
+    assert dict(list_fields(JobConfig)) == {"data.eval_sets": EvalSetConfig}
+
+
+@pytest.mark.parametrize("field, value", [(k, v) for k, values in EVAL_SET_OUT_OF_RANGE.items()
+                                          for v in values])
+def test_out_of_range_eval_set_values_are_refused_naming_the_key(field, value):
+    extra = ", temperature: 1" if field == "samples" else ""
+    override = eval_sets_override("name: a, path: a.jsonl", f"name: b, path: b.parquet, "
+                                                             f"{field}: {value}{extra}")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, DATASET + [override], world_size=1)
+    assert str(e.value).startswith(f"override {override}: data.eval_sets[1].{field}"), \
+        str(e.value)
+
+
+@pytest.mark.parametrize("field", [k for k, is_float in numeric_fields(
+    __import__("megatron_rl.data.config", fromlist=["EvalSetConfig"]).EvalSetConfig) if is_float])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_eval_set_floats_are_refused(field, value):
+    with pytest.raises(ConfigError, match=rf"data\.eval_sets\[0\]\.{field}: expected a finite"):
+        load_config(None, DATASET + [eval_sets_override(f"name: a, path: a.jsonl, "
+                                                        f"{field}: {value}")], world_size=1)
+
+
+def test_eval_sets_schema():
+    cfg = load_config(None, DATASET + [eval_sets_override(
+        "name: aime-24, path: aime.parquet, temperature: 0.6, samples: 32, weight: 2",
+        "name: math_500.v1, path: math.jsonl, prompt_key: problem, max_prompts: 100, "
+        "max_new_tokens: 64, reward: math")], world_size=1)
+    aime, math_set = cfg.data.eval_sets
+    assert (aime.name, aime.temperature, aime.samples, aime.top_p, aime.weight) == (
+        "aime-24", 0.6, 32, 1.0, 2.0)
+    assert (aime.prompt_key, aime.answer_key, aime.max_new_tokens, aime.reward,
+            aime.max_prompts) == (None, None, None, None, None)
+    assert (math_set.prompt_key, math_set.max_prompts, math_set.max_new_tokens,
+            math_set.reward) == ("problem", 100, 64, "math")
+    from megatron_rl.analysis.validation import eval_metric_keys
+
+    assert eval_metric_keys(cfg) == [
+        "eval/aime-24/accuracy", "eval/aime-24/pass@32", "eval/aime-24/response_tokens",
+        "eval/aime-24/truncated", "eval/math_500.v1/accuracy", "eval/math_500.v1/pass@1",
+        "eval/math_500.v1/response_tokens", "eval/math_500.v1/truncated", "eval/mean/accuracy",
+        "eval_accuracy"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([eval_sets_override("path: a.jsonl")], "data.eval_sets[0].name is required"),
+    ([eval_sets_override("name: a")], "data.eval_sets[0].path is required"),
+    ([eval_sets_override("name: a, path: a.jsonl", "name: b, path: b.jsonl, tempreture: 1")],
+     "unknown config key 'data.eval_sets[1].tempreture' (did you mean 'temperature'?)"),
+    ([eval_sets_override("name: a, path: a.jsonl, samples: 1.5")],
+     "data.eval_sets[0].samples: expected an int"),
+    ([eval_sets_override("name: a, path: a.jsonl", "name: a, path: b.jsonl")],
+     "data.eval_sets[1].name 'a' is already the name of data.eval_sets[0]"),
+    ([eval_sets_override("name: a b, path: a.jsonl")],
+     "data.eval_sets[0].name must be letters, digits"),
+    ([eval_sets_override("name: mean, path: a.jsonl")],
+     "data.eval_sets[0].name 'mean' is taken by eval/mean/accuracy"),
+    ([eval_sets_override("name: a, path: a.csv")],
+     "data.eval_sets[0].path must be a .jsonl or .parquet file"),
+    ([eval_sets_override("name: a, path: a.jsonl, samples: 4")],
+     "data.eval_sets[0].samples must be 1 when temperature is 0"),
+    ([eval_sets_override("name: a, path: a.jsonl, weight: 0")],
+     "data.eval_sets: every weight is 0"),
+    ([eval_sets_override("name: a, path: a.jsonl, reward: evil.module:fn")],
+     "data.eval_sets[0].reward: reward function 'evil.module:fn': module 'evil.module' is not "
+     "in reward.allowed_modules"),
+    ([eval_sets_override("name: a, path: a.jsonl, reward: 'math:'")],
+     "data.eval_sets[0].reward: reward function 'math:': expected"),
+    (["model.max_position_embeddings=64", eval_sets_override(
+        "name: a, path: a.jsonl, max_new_tokens: 64")],
+     "data.eval_sets[0].max_new_tokens=64 + 1 (at least one prompt token) = 65 positions, over "
+     "model.max_position_embeddings=64"),
+    (["data.eval_disjoint=true"], "data.eval_disjoint=true needs data.eval_sets"),
+    ([eval_sets_override("name: a, path: a.jsonl"), "training.law_metric=eval/b/accuracy"],
+     "training.law_metric='eval/b/accuracy' is not an accuracy this config logs; one of: "
+     "eval/a/accuracy, eval/a/pass@1, eval/mean/accuracy, eval_accuracy"),
+    ([eval_sets_override("name: a, path: a.jsonl"), "training.law_metric=eval/a/truncated"],
+     "training.law_metric='eval/a/truncated' is not an accuracy"),
+])
+def test_eval_set_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, DATASET + overrides, world_size=1)
+    assert message in str(e.value), str(e.value)
+
+
+def test_eval_sets_need_the_dataset_task_and_law_metrics_follow_the_held_out_set():
+    with pytest.raises(ConfigError, match=r"data.eval_sets needs data.task=dataset"):
+        load_config(None, [eval_sets_override("name: a, path: a.jsonl")], world_size=1)
+    from megatron_rl.analysis.validation import eval_metric_keys
+
+    cfg = load_config(None, ["training.eval_avg_k=4", "training.law_metric=eval_avg@4"],
+                      world_size=1)
+    assert eval_metric_keys(cfg) == [
+        "eval/heldout/accuracy", "eval/heldout/pass@1", "eval/heldout/response_tokens",
+        "eval/heldout/truncated", "eval_accuracy", "eval/heldout_sampled/accuracy",
+        "eval/heldout_sampled/pass@4", "eval/heldout_sampled/response_tokens",
+        "eval/heldout_sampled/truncated", "eval_avg@4"]
+    with pytest.raises(ConfigError, match="training.law_metric='eval_avg@8' is not an accuracy"):
+        load_config(None, ["training.eval_avg_k=4", "training.law_metric=eval_avg@8"],
+                    world_size=1)

@@ -169,7 +169,7 @@ def test_verifier_scores_the_ground_truth_one_and_a_wrong_walk_zero(outputs):
 
 
 def test_example_config_reads_what_the_script_writes(outputs):
-    from megatron_rl.config import load_config, yaml_load
+    from megatron_rl.config import load_config
 
     path = os.path.join(ROOT, "examples", "dataset_cpu.yaml")
     cfg = load_config(path, [], world_size=1)  # loads as committed, before any data exists
@@ -181,10 +181,8 @@ def test_example_config_reads_what_the_script_writes(outputs):
     load_config(path, [f"data.path={outputs[0] / 'train.parquet'}",
                        f"data.tokenizer_dir={outputs[0] / 'tokenizer'}"],
                 world_size=1, on_this_host=True)
-    # the eval sets waiting, commented out, for data.eval_sets name the script's files
-    lines = open(path).read().split("  # eval_sets:\n", 1)[1].split("\nrollout:", 1)[0]
-    eval_sets = yaml_load("\n".join(line.replace("  #", "", 1) for line in lines.splitlines()))
-    assert "(needs data.eval_sets, #17)" in open(path).read()
-    assert [os.path.basename(s["path"]) for s in eval_sets] == [
+    # the eval sets name the script's files and score with the task's verifier
+    assert [os.path.basename(s.path) for s in cfg.data.eval_sets] == [
         "eval_heldout.parquet", "eval_wide.jsonl"]
-    assert all(s["reward"] == cfg.reward.fn for s in eval_sets)
+    assert all(s.reward == cfg.reward.fn for s in cfg.data.eval_sets)
+    assert cfg.data.eval_disjoint

@@ -221,3 +221,64 @@ def test_batches_are_deterministic_epoch_shuffles_that_wrap(tmp_path, tokenizer)
                                   max_prompt_tokens=64)
     assert [answer for _, answer in resumed.batch(3, 3, seed=5)] == steps[3]
     assert [answer for _, answer in resumed.batch(3, 3, seed=6)] != steps[3]
+
+
+def eval_task(tmp_path, tokenizer_dir, *overrides, training_prompts=True):
+    from megatron_rl.config import load_config
+    from megatron_rl.data.task import build_task
+
+    train = write_jsonl(tmp_path / "train.jsonl", [verl_row("what is one ?"),
+                                                   verl_row("what is two ?")])
+    cfg = load_config(None, ["data.task=dataset", f"data.path={train}",
+                             f"data.tokenizer_dir={tokenizer_dir}", "training.sft_steps=0",
+                             "model.max_position_embeddings=16", "rollout.max_new_tokens=8",
+                             *overrides], world_size=1, on_this_host=True)
+    return build_task(cfg, training_prompts=training_prompts)
+
+
+def test_eval_sets_load_like_data_path_with_their_own_keys_and_limits(tmp_path, tokenizer_dir):
+    write_jsonl(tmp_path / "a.jsonl", [verl_row("what is three ?", "3"),
+                                       verl_row("what is four ?", "4"),
+                                       verl_row("what is five ?", "5")])
+    pq.write_table(pa.Table.from_pylist([{"question": "one two three four five six seven",
+                                          "gt": 7},
+                                         {"question": "what is six ?", "gt": 6}]),
+                   tmp_path / "b.parquet")
+    sets = (f"data.eval_sets=[{{name: a, path: {tmp_path}/a.jsonl, max_prompts: 2}}, "
+            f"{{name: b, path: {tmp_path}/b.parquet, prompt_key: question, answer_key: gt, "
+            f"max_new_tokens: 6}}]")
+    # b's row 0 is 9 tokens: over the positions with 8 new tokens, not with its own 6
+    task = eval_task(tmp_path, tokenizer_dir, sets)
+    a, b = task.eval_sets
+    assert (a.name, [answer for _, answer in a.prompts], a.skipped) == ("a", ["3", "4"], {})
+    assert (b.name, [answer for _, answer in b.prompts]) == ("b", ["7", "6"])
+    assert task.eval_prompts == [] and len(task.prompts_for_step(0, 2)) == 2
+    with pytest.raises(DataError, match=r"b.parquet row 0: field 'question' is 9 tokens \+ "
+                                        r"data.eval_sets\[1\].max_new_tokens=8 = 17 positions"):
+        eval_task(tmp_path, tokenizer_dir, sets.replace("max_new_tokens: 6", "max_new_tokens: 8"))
+    skipped = eval_task(tmp_path, tokenizer_dir, "data.on_invalid=skip",
+                        sets.replace("max_new_tokens: 6", "max_new_tokens: 8"))
+    assert skipped.eval_sets[1].skipped == {"too_long": 1}
+    # the evaluator's task: data.path is not read when no check needs it
+    (tmp_path / "train.jsonl").write_text("not json\n")
+    task = eval_task(tmp_path, tokenizer_dir, sets, training_prompts=False)
+    assert [len(s.prompts) for s in task.eval_sets] == [2, 2]
+    with pytest.raises(RuntimeError, match="without its training prompts"):
+        task.prompts_for_step(0, 2)
+
+
+def test_eval_disjoint_refuses_a_training_prompt_naming_both_rows(tmp_path, tokenizer_dir):
+    # the same prompt as chat messages and as plain text: the same tokens after the template
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "what is three ?", "answer": "3"},
+                                       {"prompt": "what is two ?", "answer": "2"}])
+    sets = (f"data.eval_sets=[{{name: held, path: {tmp_path}/a.jsonl, "
+            f"answer_key: answer}}]")
+    with pytest.raises(DataError) as error:
+        eval_task(tmp_path, tokenizer_dir, sets, "data.eval_disjoint=true")
+    assert str(error.value) == (
+        f"data.eval_disjoint=true: {tmp_path}/a.jsonl line 2 (data.eval_sets[0] (held)) is the "
+        f"prompt of {tmp_path}/train.jsonl line 2 (data.path)")
+    # not checked without eval_disjoint, nor beyond max_prompts
+    eval_task(tmp_path, tokenizer_dir, sets)
+    eval_task(tmp_path, tokenizer_dir, sets.replace("}]", ", max_prompts: 1}]"),
+              "data.eval_disjoint=true", training_prompts=False)

@@ -214,3 +214,31 @@ def test_close_gives_the_signal_handlers_back(tmp_path):
     assert signal.getsignal(signal.SIGINT) == trainer._on_stop_signal
     trainer.close()
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_the_held_out_set_logs_its_keys_and_what_the_evaluation_logged_before(tmp_path):
+    """The trainer's evaluation goes through the evaluation sets (here the implicit held-out
+    greedy set and its avg@2 at T=1): eval/heldout*/ keys, and eval_accuracy / eval_avg@2 with
+    the values the evaluation before sets gives on the same engine, prompts and seed."""
+    from megatron_rl.analysis.validation import evaluate
+    from megatron_rl.seeds import derive_seed
+
+    trainer = RLTrainer(tiny_config(tmp_path, "training.eval_avg_k=2",
+                                    "training.eval_temperature=1.0"))
+    try:
+        record = trainer.evaluate(3)
+        rc = trainer.cfg.rollout
+        before = evaluate(trainer.engine, trainer.eval_prompts, trainer.task.decode,
+                          trainer.score_texts, max_new_tokens=rc.max_new_tokens,
+                          stop_token_ids=(trainer.task.eos_id,), avg_k=2, temperature=1.0,
+                          seed=derive_seed(rc.seed, 3, 0, 7))
+    finally:
+        trainer.close()
+    assert {k: record[k] for k in before} == before
+    assert record["eval/heldout/accuracy"] == record["eval_accuracy"]
+    assert record["eval/heldout_sampled/accuracy"] == record["eval_avg@2"]
+    assert sorted(record) == sorted([
+        "eval_accuracy", "eval_avg@2", "eval/heldout/accuracy", "eval/heldout/pass@1",
+        "eval/heldout/response_tokens", "eval/heldout/truncated",
+        "eval/heldout_sampled/accuracy", "eval/heldout_sampled/pass@2",
+        "eval/heldout_sampled/response_tokens", "eval/heldout_sampled/truncated"])
