@@ -62,11 +62,19 @@ def _split_like(flat: torch.Tensor, micro_batches: List[MicroBatch]) -> List[tor
 
 
 def train_mini_batch(model, optimizer, micro_batches: List[MicroBatch], cfg: AlgorithmConfig,
-                     temperature: float, vocab_size: int, seed: int) -> Dict[str, float]:
+                     temperature: float, vocab_size: int, seed: int, *,
+                     old_is_current: bool = False) -> Dict[str, float]:
     """One optimizer step on one mini-batch (this rank's micro-batches). Needs old_logprobs in
     every micro-batch on the last stage, and ref_logprobs when cfg.kl_ref_coef > 0. Returns
     metrics (token means over the whole mini-batch across DP ranks) on the last stage, {}
-    elsewhere."""
+    elsewhere.
+
+    old_is_current: the weights are still the ones that computed these old_logprobs (no
+    optimizer step since; the trainer passes it for the first optimizer step of a step's first
+    PPO epoch). Clip-Cov / KL-Cov with cov_policy "current" then take the current policy's
+    log-probs from old_logprobs instead of running their no-grad forward, which would recompute
+    them bit for bit (the same forward on the same weights and batch). Same value on every
+    rank."""
     from megatron.core import parallel_state as mpu
 
     dp_group = mpu.get_data_parallel_group()
@@ -88,10 +96,13 @@ def train_mini_batch(model, optimizer, micro_batches: List[MicroBatch], cfg: Alg
     cov_metrics = {}
     current = None
     if cfg.loss_mode in ("clip_cov", "kl_cov") and cfg.cov_policy == "current":
-        # Every pipeline stage takes part in the forward; the log-probs exist on the last.
-        current_parts = compute_logprobs(model, micro_batches, temperature, vocab_size)
-        if last_stage:
-            current = torch.cat([lp.reshape(-1) for lp in current_parts])
+        if old_is_current:  # the current policy is the one that computed old_logprobs
+            current = _flat_cat(micro_batches, "old_logprobs") if last_stage else None
+        else:
+            # Every pipeline stage takes part in the forward; the log-probs exist on the last.
+            current_parts = compute_logprobs(model, micro_batches, temperature, vocab_size)
+            if last_stage:
+                current = torch.cat([lp.reshape(-1) for lp in current_parts])
     if last_stage and not all_finite([current] + [t for mb in micro_batches for t in (
             mb.old_logprobs, mb.advantages, mb.ref_logprobs)], dp_group):
         # A NaN/inf log-prob or advantage: no selection (it needs finite covariances); the loss

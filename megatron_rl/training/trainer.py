@@ -357,9 +357,11 @@ class RLTrainer:
                 if probing:  # logits of a fixed batch around this one optimizer step
                     probe_inputs = mini[:1]
                     before = probe_batch_logits(self.model, probe_inputs)
+                # The first optimizer step runs on the weights that computed old_logprobs.
                 step_metrics.append(train_mini_batch(
                     self.model, self.optimizer, mini, alg, self.cfg.rollout.temperature,
-                    self.task.vocab_size, seed=derive_seed(alg.seed, step, epoch, index)))
+                    self.task.vocab_size, seed=derive_seed(alg.seed, step, epoch, index),
+                    old_is_current=epoch == index == 0))
                 self.scheduler.step(1)
                 if probing:
                     after = probe_batch_logits(self.model, probe_inputs)

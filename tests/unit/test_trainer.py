@@ -214,3 +214,24 @@ def test_close_gives_the_signal_handlers_back(tmp_path):
     assert signal.getsignal(signal.SIGINT) == trainer._on_stop_signal
     trainer.close()
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_only_the_first_update_of_a_step_reuses_the_old_logprobs(tmp_path, monkeypatch):
+    """Clip-Cov / KL-Cov skip their extra forward on the weights that computed old_logprobs:
+    the first of a step's optimizer steps, not the later mini-batches or PPO epochs."""
+    from megatron_rl.training import actor
+
+    flags, original = [], actor.train_mini_batch
+
+    def recording(*args, **kwargs):
+        flags.append(kwargs.get("old_is_current", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(actor, "train_mini_batch", recording)
+    trainer = RLTrainer(tiny_config(tmp_path, "training.ppo_epochs=2",
+                                    "algorithm.loss_mode=kl_cov"))
+    try:
+        trainer.train_step(1)
+    finally:
+        trainer.close()
+    assert flags == [True, False, False, False]  # 2 epochs x 2 mini-batches
