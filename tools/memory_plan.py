@@ -26,7 +26,9 @@ def main(argv=None):
     parser.add_argument("--recompute", choices=("none", "selective", "full"),
                         help="default: the config's model.recompute_granularity")
     parser.add_argument("--no-distributed-optimizer", action="store_true")
-    parser.add_argument("--no-chunked-logprobs", action="store_true")
+    parser.add_argument("--no-chunked-logprobs", action="store_true",
+                        help="plan full logits (default: the path training.logprob_chunking "
+                             "gives the trainer, which key overrides can set)")
     parser.add_argument("--kv-cache-fraction", type=float, default=0.25,
                         help="share of an engine's rollout sequences in its KV cache at once")
     parser.add_argument("--no-colocated-rollout", action="store_true")
@@ -41,7 +43,8 @@ def main(argv=None):
     plan = plan_memory(
         cfg, args.gpu_memory_gib, distributed_optimizer=not args.no_distributed_optimizer,
         recompute=args.recompute or cfg.model.recompute_granularity or "none",
-        chunked_logprobs=not args.no_chunked_logprobs, kv_cache_fraction=args.kv_cache_fraction,
+        chunked_logprobs=False if args.no_chunked_logprobs else None,
+        kv_cache_fraction=args.kv_cache_fraction,
         colocated_rollout=not args.no_colocated_rollout,
         runtime_overhead_gib=args.runtime_overhead_gib)
     print(f"{args.config}, world size {args.world_size}: " + ", ".join(

@@ -38,6 +38,8 @@ Assumptions (docs/memory_plan.md repeats them next to the numbers):
   plus the op's fp32 temporaries (2 x 2^24 elements, megatron_rl.ops.reference). With the chunked
   extension (megatron_rl.ops.fused_output) only one [token_chunk, vocab_chunk] fp32 block and its
   gradient live, plus fp32 accumulators for grad_weight [V/TP, h] and grad_hidden [b*s, h].
+  Which one the trainer runs is training.logprob_chunking, "auto" resolved by
+  logprob_chunking_choice; plan_memory plans that path unless told otherwise.
 - Colocated SGLang: during rollout the trainer keeps weights, gradient buffer and optimizer state
   resident (no offload); the engine (one per TP group, TP = the trainer's, whole model, no PP)
   adds its own params_dtype weights and a KV cache of 2 * layers * kv_heads/TP * head_dim * bytes
@@ -47,7 +49,7 @@ Assumptions (docs/memory_plan.md repeats them next to the numbers):
 - runtime_overhead_gib covers the CUDA context, NCCL buffers and allocator fragmentation.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal
+from typing import Dict, List, Literal, Optional
 
 GIB = 1 << 30
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -55,6 +57,8 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _OP_CHUNK_ELEMENTS = 1 << 24
 # Copies of the [tokens, V/TP] logits alive at the peak without the chunked extension (see above).
 _UNCHUNKED_LOGITS_COPIES = 3
+# Block of megatron_rl.ops.output_layer_logprobs_entropy (its token_chunk / vocab_chunk defaults).
+TOKEN_CHUNK, VOCAB_CHUNK = 1024, 16384
 
 Recompute = Literal["none", "selective", "full"]
 Phase = Literal["both", "train", "rollout"]
@@ -242,6 +246,22 @@ def micro_batches_per_step(cfg) -> int:
     return max(1, -(-sequences // t.micro_batch_size))
 
 
+def logprob_chunking_choice(cfg, token_chunk: int = TOKEN_CHUNK,
+                            vocab_chunk: int = VOCAB_CHUNK) -> bool:
+    """Whether the trainer computes log-probs from hidden states in [token_chunk, vocab_chunk]
+    blocks (megatron_rl.ops.output_layer_logprobs_entropy): training.logprob_chunking, with
+    "auto" on when one micro-batch's logits [micro_batch_size x seq_length / CP, V/TP] are larger
+    than one block. Below that the chunked path computes the same logits in one block and only
+    adds the backward's recomputation of them. The trainer and plan_memory both decide here."""
+    choice = cfg.training.logprob_chunking
+    if choice != "auto":
+        return bool(choice)
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    tp = p.tensor_model_parallel_size
+    tokens = t.micro_batch_size * t.seq_length // p.context_parallel_size
+    return tokens * (m.padded_vocab_size(tp) // tp) > token_chunk * vocab_chunk
+
+
 def _logits_item(cfg, chunked: bool, token_chunk: int, vocab_chunk: int) -> MemoryItem:
     m, p, t = cfg.model, cfg.parallel, cfg.training
     tp = p.tensor_model_parallel_size
@@ -262,13 +282,16 @@ def _logits_item(cfg, chunked: bool, token_chunk: int, vocab_chunk: int) -> Memo
 
 
 def plan_memory(cfg, gpu_memory_gib: float, *, distributed_optimizer: bool = True,
-                recompute: Recompute = "none", chunked_logprobs: bool = True,
+                recompute: Recompute = "none", chunked_logprobs: Optional[bool] = None,
                 kv_cache_fraction: float = 0.25, colocated_rollout: bool = True,
-                runtime_overhead_gib: float = 2.0, token_chunk: int = 1024,
-                vocab_chunk: int = 16384) -> MemoryPlan:
+                runtime_overhead_gib: float = 2.0, token_chunk: int = TOKEN_CHUNK,
+                vocab_chunk: int = VOCAB_CHUNK) -> MemoryPlan:
     """Per-GPU memory of `cfg` (a JobConfig validated for its world size, so that
     parallel.data_parallel_size is set) on the worst pipeline stage. See the module docstring
-    for what is counted and how."""
+    for what is counted and how. chunked_logprobs None: the path the trainer takes for `cfg`
+    (logprob_chunking_choice)."""
+    if chunked_logprobs is None:
+        chunked_logprobs = logprob_chunking_choice(cfg, token_chunk, vocab_chunk)
     if recompute not in ("none", "selective", "full"):
         raise ValueError(f"recompute must be none, selective or full, got {recompute!r}")
     if not 0.0 <= kv_cache_fraction <= 1.0:

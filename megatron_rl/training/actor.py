@@ -3,7 +3,10 @@ and the frozen reference policy of the KL term) and the PPO-family update, throu
 schedules on any TP/PP/DP layout.
 
 Log-probs and entropies come from the vocab-parallel op (megatron_rl.ops) on the output layer's
-logits shard, so [tokens, vocab] probabilities are never gathered. Losses are normalised by the
+logits shard, so [tokens, vocab] probabilities are never gathered; with `chunked` (the trainer's
+training.logprob_chunking) the model stops at its last hidden states and
+output_layer_logprobs_entropy applies the output layer one logits block at a time, so the
+[tokens, vocab / TP] logits never exist either. Losses are normalised by the
 mini-batch's global token / sequence counts and scaled back for megatron's averaging, so the
 update is the same whatever the micro-batch size and DP size (docs/algorithms.md).
 """
@@ -14,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_rl.algorithms import TokenStats, covariance_metrics, policy_loss, select_tokens
 from megatron_rl.algorithms.config import AlgorithmConfig
-from megatron_rl.ops import vocab_parallel_logprobs_entropy
+from megatron_rl.ops import output_layer_logprobs_entropy, vocab_parallel_logprobs_entropy
 from megatron_rl.training.rl_batch import MicroBatch
 from megatron_rl.training.step import all_finite, forward_backward, forward_only, optimizer_step
 
@@ -27,13 +30,54 @@ def token_logprobs(batch: MicroBatch, logits: torch.Tensor, temperature: float, 
                                            vocab_size=vocab_size)
 
 
+class HiddenStateLogprobs:
+    """megatron GPTModel's `output_processor` hook: on the last pipeline stage the model returns
+    (log-probs, entropies) [b, s] of the micro-batch's targets (its output_processor_context)
+    computed from the final hidden states and the output layer's weight shard by
+    output_layer_logprobs_entropy, instead of [b, s, V/TP] logits."""
+
+    def __init__(self, temperature: float, vocab_size: int, **chunks):
+        self.temperature, self.vocab_size, self.chunks = temperature, vocab_size, chunks
+
+    def __call__(self, *, hidden_states, output_layer, output_weight, context, config, **_):
+        from megatron.core import parallel_state as mpu
+
+        if getattr(config, "use_mup", False):
+            raise NotImplementedError("chunked log-probs do not apply MuP's logit scaling")
+        weight = output_layer.weight if output_weight is None else output_weight
+        group = mpu.get_tensor_model_parallel_group()
+        reduce_grad_hidden = True
+        if output_layer.sequence_parallel:
+            # What the output layer does with sequence-parallel input: gather the sequence
+            # shards; the gather's backward reduce-scatters the hidden-state gradient.
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, True, group)
+            reduce_grad_hidden = False
+        # megatron's hidden states are [s, b, h]: the targets follow, the results go back
+        logprobs, entropy = output_layer_logprobs_entropy(
+            hidden_states, weight, context.targets.t(), self.temperature, group,
+            vocab_size=self.vocab_size, all_reduce_grad_hidden=reduce_grad_hidden,
+            **self.chunks)
+        return logprobs.t().contiguous(), entropy.t().contiguous()
+
+
+def _output_path(temperature: float, vocab_size: int, chunked: bool):
+    """(output_processor, fn(batch, output) -> (log-probs, entropies)) of the chosen path."""
+    if chunked:
+        return HiddenStateLogprobs(temperature, vocab_size), lambda batch, output: output
+    return None, lambda batch, logits: token_logprobs(batch, logits, temperature, vocab_size)
+
+
 def compute_logprobs(model, micro_batches: List[MicroBatch], temperature: float,
-                     vocab_size: int) -> Optional[List[torch.Tensor]]:
+                     vocab_size: int, *, chunked: bool = False) -> Optional[List[torch.Tensor]]:
     """Per-token log-probs of each micro-batch's targets [b, s] on the last pipeline stage
-    (None on the other stages)."""
+    (None on the other stages). chunked: from the hidden states in blocks (HiddenStateLogprobs),
+    never materialising the logits."""
+    processor, logprobs_entropy = _output_path(temperature, vocab_size, chunked)
     return forward_only(model, micro_batches,
-                        lambda batch, logits: token_logprobs(batch, logits, temperature,
-                                                             vocab_size)[0])
+                        lambda batch, output: logprobs_entropy(batch, output)[0],
+                        output_processor=processor)
 
 
 def build_reference_model(policy, model_cfg, parallel_cfg):
@@ -62,11 +106,20 @@ def _split_like(flat: torch.Tensor, micro_batches: List[MicroBatch]) -> List[tor
 
 
 def train_mini_batch(model, optimizer, micro_batches: List[MicroBatch], cfg: AlgorithmConfig,
-                     temperature: float, vocab_size: int, seed: int) -> Dict[str, float]:
+                     temperature: float, vocab_size: int, seed: int, *,
+                     old_is_current: bool = False, chunked: bool = False) -> Dict[str, float]:
     """One optimizer step on one mini-batch (this rank's micro-batches). Needs old_logprobs in
     every micro-batch on the last stage, and ref_logprobs when cfg.kl_ref_coef > 0. Returns
     metrics (token means over the whole mini-batch across DP ranks) on the last stage, {}
-    elsewhere."""
+    elsewhere.
+
+    old_is_current: the weights are still the ones that computed these old_logprobs (no
+    optimizer step since; the trainer passes it for the first optimizer step of a step's first
+    PPO epoch). Clip-Cov / KL-Cov with cov_policy "current" then take the current policy's
+    log-probs from old_logprobs instead of running their no-grad forward, which would recompute
+    them bit for bit (the same forward on the same weights and batch). Same value on every
+    rank. chunked: log-probs and entropies from the hidden states in blocks, as compute_logprobs
+    (the same value as the old log-probs' forward, or the shortcut is no longer bitwise)."""
     from megatron.core import parallel_state as mpu
 
     dp_group = mpu.get_data_parallel_group()
@@ -88,10 +141,14 @@ def train_mini_batch(model, optimizer, micro_batches: List[MicroBatch], cfg: Alg
     cov_metrics = {}
     current = None
     if cfg.loss_mode in ("clip_cov", "kl_cov") and cfg.cov_policy == "current":
-        # Every pipeline stage takes part in the forward; the log-probs exist on the last.
-        current_parts = compute_logprobs(model, micro_batches, temperature, vocab_size)
-        if last_stage:
-            current = torch.cat([lp.reshape(-1) for lp in current_parts])
+        if old_is_current:  # the current policy is the one that computed old_logprobs
+            current = _flat_cat(micro_batches, "old_logprobs") if last_stage else None
+        else:
+            # Every pipeline stage takes part in the forward; the log-probs exist on the last.
+            current_parts = compute_logprobs(model, micro_batches, temperature, vocab_size,
+                                             chunked=chunked)
+            if last_stage:
+                current = torch.cat([lp.reshape(-1) for lp in current_parts])
     if last_stage and not all_finite([current] + [t for mb in micro_batches for t in (
             mb.old_logprobs, mb.advantages, mb.ref_logprobs)], dp_group):
         # A NaN/inf log-prob or advantage: no selection (it needs finite covariances); the loss
@@ -118,8 +175,10 @@ def train_mini_batch(model, optimizer, micro_batches: List[MicroBatch], cfg: Alg
     # the losses here are already shares of the global mean, so undo both.
     scale = dp_size * len(micro_batches)
 
-    def loss_fn(batch, logits):
-        logprobs, entropy = token_logprobs(batch, logits, temperature, vocab_size)
+    processor, logprobs_entropy = _output_path(temperature, vocab_size, chunked)
+
+    def loss_fn(batch, output):
+        logprobs, entropy = logprobs_entropy(batch, output)
         loss, step_stats = policy_loss(
             logprobs, batch.old_logprobs, batch.advantages, batch.loss_mask, cfg,
             selected=batch.selected, entropy=entropy, ref_logprobs=batch.ref_logprobs,
@@ -132,7 +191,7 @@ def train_mini_batch(model, optimizer, micro_batches: List[MicroBatch], cfg: Alg
         mb.selected = sel
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    forward_backward([model], micro_batches, loss_fn)
+    forward_backward([model], micro_batches, loss_fn, output_processor=processor)
     update_ok, grad_norm = optimizer_step([model], optimizer)
     if not last_stage:
         return {"nonfinite_skipped": float(not update_ok)}

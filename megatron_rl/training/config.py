@@ -1,6 +1,6 @@
 """Training config: batch sizes, optimiser, schedule, run folder."""
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from megatron_rl.errors import SEED_RANGE, check_range
 
@@ -32,6 +32,13 @@ class TrainingConfig:
     tensorboard: bool = True  # scalars to OUTPUT_DIR/tensorboard
     wandb_project: Optional[str] = None  # also log to Weights & Biases when set (needs wandb)
     # --- RL ---
+    # Log-probs and entropies of the policy (old log-probs, training loss) and of the reference
+    # straight from the last hidden states, one [1024, 16384] logits block at a time
+    # (megatron_rl.ops.output_layer_logprobs_entropy), instead of [tokens, vocab / TP] logits.
+    # "auto": the memory planner's choice (parallel/memory_plan.py logprob_chunking_choice): on
+    # when one micro-batch's logits (micro_batch_size x seq_length x vocab / TP) hold more than
+    # one such block. The same numbers within float round-off (docs/ops.md).
+    logprob_chunking: Union[bool, Literal["auto"]] = "auto"
     mini_batches: int = 1  # optimizer steps per rollout step (per PPO epoch)
     ppo_epochs: int = 1
     eval_interval: int = 5  # greedy validation accuracy every N steps (0: never)
@@ -74,6 +81,9 @@ class TrainingConfig:
     cache_dir: str = "runs/cache"
 
     def __post_init__(self):
+        if not (isinstance(self.logprob_chunking, bool) or self.logprob_chunking == "auto"):
+            raise ValueError(f"training.logprob_chunking must be true, false or auto, got "
+                             f"{self.logprob_chunking!r}")
         for name in ("divergence_steps", "divergence_grad_norm_ratio", "divergence_entropy_jump"):
             check_range("training", self, name, 0)
         for name in ("steps", "micro_batch_size", "seq_length", "log_interval", "mini_batches",

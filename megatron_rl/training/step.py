@@ -3,7 +3,9 @@ pipelining, or 1F1B when PP > 1): with gradients and an optimizer step (`train_s
 `optimizer_step`), or forward-only in eval mode (`forward_only`).
 
 A micro-batch is any object with a `tokens` [b, s] attribute; with a `labels` attribute the
-model returns megatron's per-token cross-entropy, otherwise logits (the RL path's MicroBatch).
+model returns megatron's per-token cross-entropy, otherwise logits (the RL path's MicroBatch), or
+with an `output_processor` whatever that makes of the last hidden states (megatron GPTModel's
+hook, called on the last pipeline stage with output_processor_context=the micro-batch).
 """
 from dataclasses import dataclass
 from functools import partial
@@ -26,13 +28,14 @@ def causal_position_ids(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def forward_backward(model_chunks: Sequence[torch.nn.Module], micro_batches: List,
-                     loss_fn: Callable, forward_only: bool = False):
+                     loss_fn: Callable, forward_only: bool = False,
+                     output_processor: Optional[Callable] = None):
     """Run megatron's forward-backward function over `micro_batches`.
 
     `loss_fn(batch, output)` runs on the last pipeline stage on the model's output (per-token
-    loss when the batch has labels, logits otherwise) and returns (loss, metrics dict); megatron
-    divides the loss by the number of micro-batches. Returns the list of metrics dicts (last
-    stage; empty elsewhere).
+    loss when the batch has labels, `output_processor`'s result when given, logits otherwise)
+    and returns (loss, metrics dict); megatron divides the loss by the number of micro-batches.
+    Returns the list of metrics dicts (last stage; empty elsewhere).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -40,8 +43,10 @@ def forward_backward(model_chunks: Sequence[torch.nn.Module], micro_batches: Lis
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
+        hook = {} if output_processor is None else dict(output_processor=output_processor,
+                                                        output_processor_context=batch)
         output = model(batch.tokens, causal_position_ids(batch.tokens), None,
-                       labels=getattr(batch, "labels", None))
+                       labels=getattr(batch, "labels", None), **hook)
         return output, partial(loss_fn, batch)
 
     return get_forward_backward_func()(
@@ -56,24 +61,28 @@ def forward_backward(model_chunks: Sequence[torch.nn.Module], micro_batches: Lis
 
 
 @torch.no_grad()
-def forward_only(model, micro_batches: List, on_logits: Callable) -> Optional[List]:
+def forward_only(model, micro_batches: List, on_logits: Callable,
+                 output_processor: Optional[Callable] = None) -> Optional[List]:
     """[on_logits(batch, logits) for each micro-batch] on the last pipeline stage (None on the
     others): a forward pass without gradient through megatron's schedule, in eval mode (with
     dropout on, two passes over the same batch would differ by their dropout masks). `logits`
-    is this rank's vocabulary shard [b, s, V_local]; the schedule may reuse its buffer after
-    on_logits returns, so keep a clone, not the tensor."""
+    is this rank's vocabulary shard [b, s, V_local] (or `output_processor`'s result, see
+    forward_backward); the schedule may reuse its buffer after on_logits returns, so keep a
+    clone, not the tensor."""
     from megatron.core import parallel_state as mpu
 
     results = []
 
-    def capture(batch, logits):
-        results.append(on_logits(batch, logits))
-        return logits.new_zeros(()), {}
+    def capture(batch, output):
+        results.append(on_logits(batch, output))
+        like = output[0] if isinstance(output, (tuple, list)) else output
+        return like.new_zeros(()), {}
 
     was_training = model.training
     model.eval()
     try:
-        forward_backward([model], micro_batches, capture, forward_only=True)
+        forward_backward([model], micro_batches, capture, forward_only=True,
+                         output_processor=output_processor)
     finally:
         model.train(was_training)
     return results if mpu.is_pipeline_last_stage() else None

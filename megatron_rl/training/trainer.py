@@ -131,6 +131,10 @@ class RLTrainer:
             warm_start(self.model, cfg, info)
         if alg.kl_ref_coef > 0:
             self.ref_model = build_reference_model(self.model, cfg.model, cfg.parallel)
+        from megatron_rl.parallel.memory_plan import logprob_chunking_choice
+
+        # log-probs from hidden states in blocks: what the memory planner plans for this config
+        self.chunked = logprob_chunking_choice(cfg)
         self.optimizer = build_optimizer([self.model], t, t.use_distributed_optimizer)
         self.scheduler = build_lr_scheduler(self.optimizer, t)
         self.step = 0  # the newest step whose update is in the weights
@@ -396,7 +400,7 @@ class RLTrainer:
 
         temperature, vocab = self.cfg.rollout.temperature, self.task.vocab_size
         for mini in batch.mini_batches:
-            old = compute_logprobs(self.model, mini, temperature, vocab)
+            old = compute_logprobs(self.model, mini, temperature, vocab, chunked=self.chunked)
             if old is not None:
                 for mb, lp in zip(mini, old):
                     mb.old_logprobs = lp
@@ -404,7 +408,8 @@ class RLTrainer:
                     batch.logprob_diffs.append(float(
                         ((lp - mb.rollout_logprobs).abs() * m).sum() / m.sum().clamp(min=1)))
             if self.ref_model is not None:
-                ref = compute_logprobs(self.ref_model, mini, temperature, vocab)
+                ref = compute_logprobs(self.ref_model, mini, temperature, vocab,
+                                       chunked=self.chunked)
                 if ref is not None:
                     for mb, lp in zip(mini, ref):
                         mb.ref_logprobs = lp
@@ -425,9 +430,11 @@ class RLTrainer:
                 if probing:  # logits of a fixed batch around this one optimizer step
                     probe_inputs = mini[:1]
                     before = probe_batch_logits(self.model, probe_inputs)
+                # The first optimizer step runs on the weights that computed old_logprobs.
                 step_metrics.append(train_mini_batch(
                     self.model, self.optimizer, mini, alg, self.cfg.rollout.temperature,
-                    self.task.vocab_size, seed=derive_seed(alg.seed, step, epoch, index)))
+                    self.task.vocab_size, seed=derive_seed(alg.seed, step, epoch, index),
+                    old_is_current=epoch == index == 0, chunked=self.chunked))
                 self.scheduler.step(1)
                 if probing:
                     after = probe_batch_logits(self.model, probe_inputs)

@@ -21,3 +21,13 @@ def test_vocab_parallel_ops_tp2():
     out = run_torchrun(WORKER, nproc=2, timeout=300)
     for rank in (0, 1):
         assert f"ops_tp_worker rank {rank}: all checks passed" in out, out
+
+
+@pytest.mark.distributed
+def test_chunked_actor_path_tp2():
+    """The trainer's chunked log-prob path at TP=2 (the model's hidden states and each rank's
+    output-layer shard) against its logits path: old log-probs, update metrics, weights."""
+    worker = os.path.join(os.path.dirname(WORKER), "chunked_logprobs_worker.py")
+    out = run_torchrun(worker, nproc=2, timeout=300)
+    for rank in (0, 1):
+        assert f"chunked_logprobs_worker rank {rank}: all checks passed" in out, out

@@ -86,6 +86,33 @@ def test_chunked_logprobs_and_recompute_shrink_their_items():
     assert light.item("activations").bytes < full.item("activations").bytes / 5
 
 
+def test_logprob_chunking_choice_is_the_plans_default():
+    """"auto" chunks when one micro-batch's logits are more than one block: the Qwen recipes'
+    10240 x 38016 (TP=4) are, the tiny CPU job's 32 x 40 x 24 are not; explicit values win; the
+    plan assumes what the trainer will run; the block is the op's default."""
+    import inspect
+
+    from megatron_rl.ops import output_layer_logprobs_entropy
+    from megatron_rl.parallel.memory_plan import (TOKEN_CHUNK, VOCAB_CHUNK,
+                                                  logprob_chunking_choice)
+
+    defaults = inspect.signature(output_layer_logprobs_entropy).parameters
+    assert (defaults["token_chunk"].default, defaults["vocab_chunk"].default) == (
+        TOKEN_CHUNK, VOCAB_CHUNK)
+    tiny = load_config("examples/tiny_cpu.yaml", [], world_size=1)
+    assert qwen7b().training.logprob_chunking == tiny.training.logprob_chunking == "auto"
+    assert logprob_chunking_choice(qwen7b()) and not logprob_chunking_choice(tiny)
+    assert not logprob_chunking_choice(qwen7b("training.logprob_chunking=false"))
+    assert logprob_chunking_choice(load_config("examples/tiny_cpu.yaml",
+                                               ["training.logprob_chunking=true"], world_size=1))
+    for cfg in (qwen7b(), qwen7b("training.logprob_chunking=false"), tiny):
+        plan = plan_memory(cfg, 80)
+        assert plan.settings["chunked_logprobs"] == logprob_chunking_choice(cfg)
+        assert plan.item("logits").detail.startswith("chunked") == logprob_chunking_choice(cfg)
+    with pytest.raises(Exception, match="training.logprob_chunking"):
+        load_config(None, ["training.logprob_chunking=sometimes"])
+
+
 def test_pipeline_first_stage_holds_more_micro_batches():
     cfg = load_config("examples/qwen2.5-32b/grpo.yaml", [], world_size=16)
     assert micro_batches_per_step(cfg) >= 2

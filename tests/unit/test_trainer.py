@@ -242,3 +242,58 @@ def test_the_held_out_set_logs_its_keys_and_what_the_evaluation_logged_before(tm
         "eval/heldout/response_tokens", "eval/heldout/truncated",
         "eval/heldout_sampled/accuracy", "eval/heldout_sampled/pass@2",
         "eval/heldout_sampled/response_tokens", "eval/heldout_sampled/truncated"])
+
+
+def test_only_the_first_update_of_a_step_reuses_the_old_logprobs(tmp_path, monkeypatch):
+    """Clip-Cov / KL-Cov skip their extra forward on the weights that computed old_logprobs:
+    the first of a step's optimizer steps, not the later mini-batches or PPO epochs."""
+    from megatron_rl.training import actor
+
+    flags, original = [], actor.train_mini_batch
+
+    def recording(*args, **kwargs):
+        flags.append(kwargs.get("old_is_current", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(actor, "train_mini_batch", recording)
+    trainer = RLTrainer(tiny_config(tmp_path, "training.ppo_epochs=2",
+                                    "algorithm.loss_mode=kl_cov"))
+    try:
+        trainer.train_step(1)
+    finally:
+        trainer.close()
+    assert flags == [True, False, False, False]  # 2 epochs x 2 mini-batches
+
+
+@pytest.mark.parametrize("chunking", ["auto", "true"])
+def test_trainer_takes_the_logprob_path_the_planner_plans(tmp_path, monkeypatch, chunking):
+    """One config, the memory planner and the trainer: the log-prob path the plan assumes
+    (chunked from hidden states, or full logits) is the one the trainer's old-log-prob,
+    reference and training passes run ("auto" is off for this tiny model's logits)."""
+    from megatron_rl.parallel.memory_plan import plan_memory
+    from megatron_rl.training import actor
+
+    calls = {"chunked": 0, "logits": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(actor, "output_layer_logprobs_entropy",
+                        counting("chunked", actor.output_layer_logprobs_entropy))
+    monkeypatch.setattr(actor, "vocab_parallel_logprobs_entropy",
+                        counting("logits", actor.vocab_parallel_logprobs_entropy))
+    cfg = tiny_config(tmp_path, f"training.logprob_chunking={chunking}",
+                      "algorithm.kl_ref_coef=0.01")
+    planned = plan_memory(cfg, 80).settings["chunked_logprobs"]
+    assert planned == (chunking == "true")
+    trainer = RLTrainer(cfg)
+    try:
+        trainer.train_step(1)
+    finally:
+        trainer.close()
+    # per mini-batch: old, reference and training passes over its micro-batches
+    taken, other = ("chunked", "logits") if planned else ("logits", "chunked")
+    assert calls[taken] >= 3 * cfg.training.mini_batches and calls[other] == 0, calls
