@@ -21,14 +21,15 @@ a cache of rotated keys laid out [batch, group, position, head dim] so each grou
 attend to its keys with one batched matmul. The prompt pass is GPTModel.forward with megatron's
 StaticInferenceContext; its keys are rotated once into that cache.
 
-Finished sequences leave the decode batch: when a multiple of COMPACT_ROWS rows (8) have
-finished, the cache keeps only the others (and enough finished ones to fill a multiple of 8), so
-later steps do not run their rows through the model. The samples stay those of the static batch
-decoded to the longest response, token for token: every step still draws the random numbers of
-the whole batch and each row uses its own (`sample_from`'s rows), and a row's logits do not
-depend on the rows beside it at these batch sizes (see COMPACT_ROWS). The rows finished
-sequences would have taken are most of a step while lengths vary (a random model: 1.2-1.4x
-tokens/s, docs/rollout.md).
+On CPU, finished sequences leave the decode batch: once a multiple of COMPACT_ROWS (8) rows
+have finished, the cache keeps only the others (and enough finished ones to fill a multiple of
+8), so later steps do not run those rows through the model. The samples stay those of the
+static batch decoded to the longest response, token for token: every step still draws the
+random numbers of the whole batch and each row uses its own (`sample_from`'s rows), and a
+row's logits do not depend on the rows beside it at these batch sizes (see COMPACT_ROWS). What
+it saves is the finished rows' share of a step, not the step's fixed cost: 1.24x tokens/s on the
+main job's model with random weights (responses of 18 tokens on average, 34 at most), 1.04x
+after its warm start (30 of 34), docs/rollout.md.
 
 Tensor parallel: logits come out split over the vocabulary; they are gathered on every TP rank
 and every rank samples with the same seeded generator, so all ranks agree on the tokens.
@@ -61,10 +62,11 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 # Finished sequences leave the decode batch this many rows at a time, and only from a batch of a
-# multiple of it: float32 GEMMs give a row the same bits at every row count that is a multiple of
-# 4 (MKL, 1-16 threads), but not in a batch of 1-3 rows or in rows past a multiple of 4 (2 or
-# more threads), so any other compaction could change sampled tokens (test_builtin_engine.py
-# compares the two token for token).
+# multiple of it: on CPU, float32 GEMMs give a row the same bits at every row count that is a
+# multiple of 4 (MKL, 1-16 threads), but not in a batch of 1-3 rows or in rows past a multiple
+# of 4 (2 or more threads), so any other compaction could change sampled tokens
+# (test_builtin_engine.py compares the two token for token). On GPUs cuBLAS picks its kernels
+# by shape and this was not checked there: their decode batch stays whole.
 COMPACT_ROWS = 8
 SAMPLE_BLOCK = 1024  # vocabulary entries per block of the two-level inverse-CDF draw
 RACE_MAX_WIDTH = 2048  # up to here the exponential race's 3 ops beat the inverse CDF's ~20
@@ -303,10 +305,10 @@ class BuiltinEngine:
             # frees the prefill KV cache (not `del`: the prefill lambda above names it)
             context = None
             # The decode batch: the batch's rows `rows` (None: all), the cache's rows in order.
-            # Finished sequences leave it COMPACT_ROWS at a time; a batch of another size stays
-            # whole (see COMPACT_ROWS).
+            # Finished sequences leave it COMPACT_ROWS at a time; a batch of another size, or
+            # one off the CPU, stays whole (see COMPACT_ROWS).
             rows, hidden_rows = None, hidden
-            compact = self._compact and batch % COMPACT_ROWS == 0
+            compact = self._compact and device.type == "cpu" and batch % COMPACT_ROWS == 0
             self._decode_rows = []
             for t in range(start, total):
                 count = batch if rows is None else rows.numel()
