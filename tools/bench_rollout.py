@@ -251,7 +251,7 @@ def compaction_compare(args):
             f"{best['compacted']:.0f} tokens/s")
     state.destroy()
     steps = len(decode_rows)
-    print(f"{os.path.relpath(args.config, ROOT)} {' '.join(args.set)}: "
+    print(f"{' '.join([os.path.relpath(args.config, ROOT), *args.set])}: "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
           f"{f'{args.sft_steps}-step warm start' if args.sft_steps else 'random weights'}; "
           f"{len(prompts)} prompts x {sp.n} samples, at most {sp.max_new_tokens} new tokens, "
