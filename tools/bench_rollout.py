@@ -19,6 +19,19 @@ Needs the SGLang venv (--sglang-python, default .venv-sglang/bin/python); CPU, f
    flat uint8 tensor of the same bytes from this process to a helper process that joins a 2-rank
    group the way SGLang does (TCPStore + PrefixStore + c10d helper; helper acks each broadcast).
    Target: distributed >= 50% of raw gloo bandwidth.
+
+--builtin-compaction-compare [--config examples/tiny_cpu.yaml --sft-steps 0 --gen-repeats 3
+--tries 3]: only the built-in engine, on a job config's model and rollout settings (its task's
+prompts for one step, rollout.prompts_per_step x algorithm.n samples, rollout.max_new_tokens,
+temperature, top-k/top-p, stopping at the task's eos), with finished sequences leaving the
+decode batch (compacted) against the static batch decoded to the longest response (static):
+generated tokens/s of each, after a warm-up call each, for seeds 0 .. --gen-repeats - 1, the
+best of --tries calls of each per seed, the two alternating; their samples must be identical.
+The speed-up is the median over the seeds of compacted / static. The model is the config's,
+randomly initialized, or after --sft-steps of its warm start (cached under training.cache_dir,
+as the job caches it: 500 is the job's own); --set KEY=VALUE ... overrides the config.
+Target: compacted >= 1.5x static. The other model and prompt flags do not apply; nothing
+needs the SGLang venv.
 """
 import argparse
 import json
@@ -138,11 +151,25 @@ def main():
     parser.add_argument("--sglang-python", default=os.path.join(ROOT, ".venv-sglang/bin/python"))
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     parser.add_argument("--raw-helper", nargs=3, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--builtin-compaction-compare", action="store_true",
+                        help="only the built-in engine, compacted vs static decode batch")
+    parser.add_argument("--config", default=os.path.join(ROOT, "examples/tiny_cpu.yaml"),
+                        help="--builtin-compaction-compare: the job config")
+    parser.add_argument("--sft-steps", type=int, default=0,
+                        help="--builtin-compaction-compare: warm-start steps (0: random model)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="--builtin-compaction-compare: config overrides, e.g. "
+                        "model.hidden_size=512")
+    parser.add_argument("--tries", type=int, default=3,
+                        help="--builtin-compaction-compare: calls per seed and batch; the best "
+                        "counts (the shared machine's load swings)")
     args = parser.parse_args()
     if args.raw_helper:
         return _raw_helper(*args.raw_helper)
     silence_third_party_warnings()
     setup_logging()
+    if args.builtin_compaction_compare:
+        return compaction_compare(args)
 
     from megatron_rl.config import load_config
     from megatron_rl.models.gpt import build_gpt_model
@@ -172,6 +199,85 @@ def main():
     sync["raw-gloo"] = (nbytes, statistics.median(raw[1:]), min(raw[1:]), raw[0])
     state.destroy()
     report(args, params_m, startup_s, gen, sync)
+    return 0
+
+
+def compaction_compare(args):
+    """--builtin-compaction-compare (the module docstring); returns the exit status."""
+    from megatron_rl.config import load_config
+    from megatron_rl.data.task import build_task
+    from megatron_rl.models.gpt import build_gpt_model
+    from megatron_rl.parallel import state
+    from megatron_rl.rollout import SamplingParams
+    from megatron_rl.rollout.builtin import BuiltinEngine
+    from megatron_rl.training.optimizer import wrap_ddp
+    from megatron_rl.training.sft import warm_start
+
+    cfg = load_config(args.config, [*args.set, f"training.sft_steps={args.sft_steps}"],
+                      world_size=1)
+    info = state.initialize(cfg.parallel)
+    model = wrap_ddp(build_gpt_model(cfg.model, cfg.parallel))
+    if args.sft_steps:
+        log(f"warm start: {warm_start(model, cfg, info)}")
+    task, rc = build_task(cfg), cfg.rollout
+    prompts = [p for p, _ in task.prompts_for_step(1, rc.prompts_per_step)]
+    sp = SamplingParams(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
+                        max_new_tokens=rc.max_new_tokens, n=cfg.algorithm.n,
+                        stop_token_ids=(task.eos_id,))
+    engines = {name: BuiltinEngine(model, vocab_size=task.vocab_size, compact=name == "compacted")
+               for name in ("static", "compacted")}
+    rates = {name: [] for name in engines}  # tokens/s of each seed's best call
+    lengths, decode_rows = [], []  # of the timed calls: response lengths, compacted batches
+    for seed in [-1] + list(range(args.gen_repeats)):  # a warm-up call first
+        outputs, best = {}, {name: 0.0 for name in engines}
+        for _ in range(1 if seed < 0 else args.tries):
+            for name, engine in engines.items():
+                t0 = time.perf_counter()
+                samples = engine.generate(prompts, sp, seed=max(seed, 0))
+                seconds = time.perf_counter() - t0
+                outputs[name] = [(s.output_ids, s.output_logprobs, s.finish_reason)
+                                 for s in samples]
+                best[name] = max(best[name], sum(len(s.output_ids) for s in samples) / seconds)
+            if outputs["static"] != outputs["compacted"]:
+                raise SystemExit(f"seed {seed}: the compacted batch's samples differ from the "
+                                 f"static batch's")
+        if seed < 0:
+            continue
+        for name in engines:
+            rates[name].append(best[name])
+        lengths += [len(ids) for ids, _, _ in outputs["static"]]
+        decode_rows += engines["compacted"]._decode_rows
+        log(f"seed {seed}: static {best['static']:.0f} tokens/s, compacted "
+            f"{best['compacted']:.0f} tokens/s")
+    state.destroy()
+    steps = len(decode_rows)
+    print(f"{' '.join([os.path.relpath(args.config, ROOT), *args.set])}: "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+          f"{f'{args.sft_steps}-step warm start' if args.sft_steps else 'random weights'}; "
+          f"{len(prompts)} prompts x {sp.n} samples, at most {sp.max_new_tokens} new tokens, "
+          f"temperature {sp.temperature}; torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads")
+    print(f"seeds 0-{args.gen_repeats - 1}, the best of {args.tries} calls of each per seed "
+          f"(alternating, after a warm-up call); samples identical in every call. "
+          f"Responses {min(lengths)}-"
+          f"{max(lengths)} tokens, mean {sum(lengths) / len(lengths):.1f}, "
+          f"{sum(n < sp.max_new_tokens for n in lengths)} of {len(lengths)} stopped early; "
+          f"compacted decode batch: mean {sum(decode_rows) / steps:.1f} rows over {steps} decode "
+          f"steps (static: {len(prompts) * sp.n})")
+    print(f"{'batch':<11}{'median tokens/s':>16}{'best':>8}  (over the seeds)")
+    for name, r in rates.items():
+        print(f"{name:<11}{statistics.median(r):>16.0f}{max(r):>8.0f}")
+    per_call = [c / s for s, c in zip(rates["static"], rates["compacted"])]
+    speedup = statistics.median(per_call)
+    print(f"compacted / static = {speedup:.2f}x (median of the per-seed ratios, which range "
+          f"{min(per_call):.2f}-{max(per_call):.2f}x); target >= 1.5x: "
+          f"{'met' if speedup >= 1.5 else 'NOT met'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "raw_helper"},
+                       "tokens_per_s": rates, "speedup": speedup,
+                       "mean_response_tokens": sum(lengths) / len(lengths),
+                       "mean_decode_rows": sum(decode_rows) / steps}, f, indent=2)
     return 0
 
 

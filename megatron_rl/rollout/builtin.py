@@ -21,6 +21,16 @@ a cache of rotated keys laid out [batch, group, position, head dim] so each grou
 attend to its keys with one batched matmul. The prompt pass is GPTModel.forward with megatron's
 StaticInferenceContext; its keys are rotated once into that cache.
 
+On CPU, finished sequences leave the decode batch: once a multiple of COMPACT_ROWS (8) rows
+have finished, the cache keeps only the others (and enough finished ones to fill a multiple of
+8), so later steps do not run those rows through the model. The samples stay those of the
+static batch decoded to the longest response, token for token: every step still draws the
+random numbers of the whole batch and each row uses its own (`sample_from`'s rows), and a
+row's logits do not depend on the rows beside it at these batch sizes (see COMPACT_ROWS). What
+it saves is the finished rows' share of a step, not the step's fixed cost: 1.27x tokens/s on the
+main job's model with random weights (responses of 18 tokens on average, 34 at most), 1.03x
+after its warm start (30 of 34), docs/rollout.md.
+
 Tensor parallel: logits come out split over the vocabulary; they are gathered on every TP rank
 and every rank samples with the same seeded generator, so all ranks agree on the tokens.
 Pipeline parallel: each step's hidden states go stage to stage (send/recv), the last stage
@@ -51,13 +61,25 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+# Finished sequences leave the decode batch this many rows at a time, and only from a batch of a
+# multiple of it: on CPU, float32 GEMMs give a row the same bits at every row count that is a
+# multiple of 4 (MKL, 1-16 threads), but not in a batch of 1-3 rows or in rows past a multiple
+# of 4 (2 or more threads), so any other compaction could change sampled tokens
+# (test_builtin_engine.py compares the two token for token). On GPUs cuBLAS picks its kernels
+# by shape and this was not checked there: their decode batch stays whole.
+COMPACT_ROWS = 8
 SAMPLE_BLOCK = 1024  # vocabulary entries per block of the two-level inverse-CDF draw
 RACE_MAX_WIDTH = 2048  # up to here the exponential race's 3 ops beat the inverse CDF's ~20
 
 
-def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sample_from(probs: torch.Tensor, generator: torch.Generator,
+                rows: Optional[torch.Tensor] = None, batch: Optional[int] = None) -> torch.Tensor:
     """One index per row, drawn with probability probs[row, i] / probs[row].sum(); entries of
     probability 0 are never drawn.
+
+    rows, batch: probs holds rows `rows` (indices) of a batch of `batch` rows. The draws are
+    those of the whole batch, and each row uses its own: a row gets the same sample whichever
+    other rows are present (the engine drops finished sequences from its decode batch).
 
     Narrow rows: the exponential race argmax_i p_i / E_i with E_i = -log U_i ~ Exp(1) (the
     Gumbel-max trick), computed as argmax_i log(U_i) / p_i (U < 1, so p = 0 scores -inf). It
@@ -68,19 +90,22 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     round away entries below its last bit (~6e-8 of the mass: a vocabulary of 152k has many),
     and one in float64 takes 10x as long."""
     if probs.shape[-1] <= RACE_MAX_WIDTH:
-        uniform = torch.rand(probs.shape, generator=generator, dtype=probs.dtype,
-                             device=probs.device)
+        uniform = torch.rand(probs.shape if rows is None else (batch, probs.shape[1]),
+                             generator=generator, dtype=probs.dtype, device=probs.device)
+        if rows is not None:
+            uniform = uniform[rows]
         return (uniform.log_() / probs).argmax(-1)
-    rows, width = probs.shape
+    count, width = probs.shape
     full = width // SAMPLE_BLOCK
     # block masses in float32 (each off by ~1e-7 of itself), their running sum in float64
     masses = (probs.unfold(1, SAMPLE_BLOCK, SAMPLE_BLOCK).sum(-1) if full  # a view, no copy
-              else probs.new_zeros(rows, 0))
+              else probs.new_zeros(count, 0))
     if width % SAMPLE_BLOCK:
         masses = torch.cat([masses, probs[:, full * SAMPLE_BLOCK:].sum(-1, keepdim=True)], 1)
     block_cdf = masses.double().cumsum(-1)
-    target = torch.rand(rows, 1, generator=generator, dtype=torch.float64,
-                        device=probs.device) * block_cdf[:, -1:]
+    uniform = torch.rand(count if rows is None else batch, 1, generator=generator,
+                         dtype=torch.float64, device=probs.device)
+    target = (uniform if rows is None else uniform[rows]) * block_cdf[:, -1:]
     # right=True: the first block whose running sum exceeds the target, so one with mass
     block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
@@ -110,11 +135,16 @@ class BuiltinEngine:
 
     weight_version: int  # RolloutEngine's: the trainer's completed steps
 
-    def __init__(self, model, vocab_size: int, seed: int = 0, weight_version: int = 0):
+    def __init__(self, model, vocab_size: int, seed: int = 0, weight_version: int = 0,
+                 compact: bool = True):
         self.model = model
         self.vocab_size = vocab_size  # the tokenizer's; padded vocab columns are never sampled
         self.seed = seed  # generate()'s draws without a seed of their own derive from it
         self.weight_version = weight_version  # a resumed job passes its checkpoint's step
+        # False: decode the static batch to its longest response, finished sequences included
+        # (the same samples, slower; for the tests and tools/bench_rollout.py)
+        self._compact = compact
+        self._decode_rows: List[int] = []  # the last generate()'s decode batch, step by step
         self._calls = 0
 
     def update_weights(self) -> None:
@@ -173,6 +203,15 @@ class BuiltinEngine:
             v[:, :, :prompt_width] = values[:prompt_width].permute(1, 2, 0, 3)
             cache.append((k, v))
         return cache
+
+    @staticmethod
+    def _compact_cache(cache, keep):
+        """Keep only the decode batch's rows `keep` (positions in it) in each layer's cache, in
+        place in the list, a layer at a time (so the old and new caches never both exist
+        whole). Whole rows are copied, columns not yet written too: index_select copies 1-2 MB
+        in ~40 us, advanced indexing of the written columns alone took 4x as long."""
+        for i, (keys, values) in enumerate(cache):
+            cache[i] = (keys.index_select(0, keep), values.index_select(0, keep))
 
     @staticmethod
     def _decode_stage(model, hidden, ids, t, cache, freqs, hidden_keys):
@@ -265,11 +304,20 @@ class BuiltinEngine:
             cache = self._rotated_cache(model, context, start, total, freqs)
             # frees the prefill KV cache (not `del`: the prefill lambda above names it)
             context = None
+            # The decode batch: the batch's rows `rows` (None: all), the cache's rows in order.
+            # Finished sequences leave it COMPACT_ROWS at a time; a batch of another size, or
+            # one off the CPU, stays whole (see COMPACT_ROWS).
+            rows, hidden_rows = None, hidden
+            compact = self._compact and device.type == "cpu" and batch % COMPACT_ROWS == 0
+            self._decode_rows = []
             for t in range(start, total):
+                count = batch if rows is None else rows.numel()
                 if t > start:  # feed column t - 1, get the logits for column t
-                    keys_hidden = None if hidden is None else hidden[:, None, None, :t]
+                    ids = tokens[:, t - 1] if rows is None else tokens[rows, t - 1]
+                    keys_hidden = None if hidden is None else hidden_rows[:, None, None, :t]
                     logits = self._pipeline(model, lambda h: self._decode_stage(
-                        model, h, tokens[:, t - 1], t - 1, cache, freqs, keys_hidden), batch, 1)
+                        model, h, ids, t - 1, cache, freqs, keys_hidden), count, 1)
+                    self._decode_rows.append(count)
                 if logits is not None:  # the last pipeline stage samples
                     logits = gather_from_tensor_model_parallel_region(logits[:, -1].float())
                     logits = logits[:, : self.vocab_size]
@@ -279,18 +327,22 @@ class BuiltinEngine:
                         filtered = (scaled if params.top_k <= 0 and params.top_p >= 1.0
                                     else filter_logits(scaled, params.top_k, params.top_p))
                         probs = log_probs.exp() if filtered is scaled else filtered.softmax(-1)
-                        next_ids = sample_from(probs, generator)
+                        next_ids = sample_from(probs, generator, rows, batch)
                     else:
                         next_ids = logits.argmax(-1)
                     next_logprobs = log_probs.gather(-1, next_ids[:, None])[:, 0]
                 else:
-                    next_ids = torch.empty(batch, dtype=torch.long, device=device)
-                    next_logprobs = torch.empty(batch, device=device)
+                    next_ids = torch.empty(count, dtype=torch.long, device=device)
+                    next_logprobs = torch.empty(count, device=device)
                 if mpu.get_pipeline_model_parallel_world_size() > 1:
                     last = mpu.get_pipeline_model_parallel_last_rank()
                     group = mpu.get_pipeline_model_parallel_group()
                     torch.distributed.broadcast(next_ids, src=last, group=group)
                     torch.distributed.broadcast(next_logprobs, src=last, group=group)
+                if rows is not None:  # to the whole batch: the rows left out are all done
+                    next_ids = next_ids.new_zeros(batch).index_copy_(0, rows, next_ids)
+                    next_logprobs = next_logprobs.new_zeros(batch).index_copy_(0, rows,
+                                                                               next_logprobs)
                 generating = (t >= prompt_end) & ~done & (t < end)
                 tokens[:, t] = torch.where(generating, next_ids, tokens[:, t])
                 logprobs[:, t] = torch.where(generating, next_logprobs, logprobs[:, t])
@@ -303,6 +355,17 @@ class BuiltinEngine:
                 done |= generating & (t + 1 >= end)
                 if bool(done.all()):
                     break
+                if compact and t + 1 < total:  # a decode step follows
+                    live = ~done if rows is None else ~done[rows]  # over the decode batch
+                    live_count = int(live.sum())
+                    keep_count = -(-live_count // COMPACT_ROWS) * COMPACT_ROWS
+                    if keep_count < count:
+                        # the live rows, and the first finished ones to make up the count
+                        fill = (~live).nonzero()[: keep_count - live_count, 0]
+                        keep = torch.cat([live.nonzero()[:, 0], fill]).sort().values
+                        self._compact_cache(cache, keep)
+                        rows = keep if rows is None else rows[keep]
+                        hidden_rows = None if hidden is None else hidden[rows]
         finally:
             model.train(was_training)
 

@@ -113,3 +113,63 @@ def test_bad_requests(model):
         engine.generate([[1]], SamplingParams(max_new_tokens=10_000))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+# 32 prompts of 1-5 tokens: batches of 32 rows, a multiple of COMPACT_ROWS (8)
+MANY = [[(7 * i + 3 * j) % VOCAB + 1 for j in range(1 + i % 5)] for i in range(32)]
+
+
+def decode_both(model, prompts, params, **kwargs):
+    """(compacted, static) samples of two engines with the same seed, and the compacted
+    engine's decode batch step by step."""
+    compacted = BuiltinEngine(model, vocab_size=VOCAB, seed=4, **kwargs)
+    got = compacted.generate(prompts, params)
+    want = BuiltinEngine(model, vocab_size=VOCAB, seed=4, compact=False).generate(prompts, params)
+    return got, want, compacted._decode_rows
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "T=1", "top-k/top-p"])
+def test_finished_rows_leave_the_batch_with_the_static_batchs_samples(model, sampling):
+    """Token for token and bit for bit the static batch's samples, with rows leaving the decode
+    batch; the sampled log-probs are the cache-free forward's."""
+    if sampling == "greedy":  # the random model repeats a token: stop half the rows at once
+        free = BuiltinEngine(model, vocab_size=VOCAB).generate(
+            MANY, SamplingParams(temperature=0.0, max_new_tokens=10))
+        stops = tuple({s.output_ids[0] for s in free[:8]} - {s.output_ids[0] for s in free[8:]})
+        params = SamplingParams(temperature=0.0, max_new_tokens=10, stop_token_ids=stops)
+    else:  # ~1 in 8 tokens stops a sequence
+        params = SamplingParams(temperature=1.0, max_new_tokens=12, n=2,
+                                stop_token_ids=tuple(range(3, VOCAB, 8)),
+                                **({"top_k": 50, "top_p": 0.9} if sampling == "top-k/top-p"
+                                   else {}))
+    got, want, decode_rows = decode_both(model, MANY[: 32 // params.n], params)
+    assert [(s.output_ids, s.output_logprobs, s.finish_reason) for s in got] == \
+        [(s.output_ids, s.output_logprobs, s.finish_reason) for s in want]
+    # rows did leave; while sampling, at several steps (each compaction indexes the last one's)
+    assert len(set(decode_rows) - {32}) >= (1 if sampling == "greedy" else 2)
+    assert all(r % 8 == 0 for r in decode_rows) and decode_rows == sorted(decode_rows)[::-1]
+    longest = max(len(s.output_ids) for s in got)
+    assert len(decode_rows) == longest - 1  # the first token comes from the prompt pass
+    temperature = params.temperature or 1.0
+    for s in (got[0], max(got, key=lambda s: len(s.output_ids))):
+        ref = full_forward_logprobs(model, s.prompt_ids + s.output_ids, temperature)
+        for j, tok in enumerate(s.output_ids):
+            assert s.output_logprobs[j] == pytest.approx(
+                float(ref[len(s.prompt_ids) + j - 1, tok]), abs=1e-4)
+
+
+def test_a_batch_of_another_size_stays_whole(model):
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, stop_token_ids=tuple(range(0,
+                                                                                      VOCAB, 4)))
+    got, want, decode_rows = decode_both(model, MANY[:12], params)
+    assert [s.output_ids for s in got] == [s.output_ids for s in want]
+    assert set(decode_rows) == {12}
+
+
+@pytest.mark.parametrize("width", [20, 2900], ids=["race", "blocks"])
+def test_sample_from_rows_uses_each_rows_draw_of_the_whole_batch(width):
+    probs = torch.rand(16, width, generator=torch.Generator().manual_seed(1)) ** 4
+    whole = sample_from(probs, torch.Generator().manual_seed(2))
+    rows = torch.tensor([0, 3, 4, 9, 15])
+    some = sample_from(probs[rows], torch.Generator().manual_seed(2), rows, 16)
+    assert torch.equal(some, whole[rows])

@@ -1,5 +1,6 @@
 """The built-in engine gives the same tokens and log-probs with TP=2 and PP=2 as in one process
-(weights shared through a distributed checkpoint). Run under torchrun with 2 processes."""
+(weights shared through a distributed checkpoint), also while finished sequences leave the decode
+batch (the third params: 32 rows, many stop tokens). Run under torchrun with 2 processes."""
 import os
 import sys
 import warnings
@@ -19,7 +20,9 @@ from megatron_rl.rollout.builtin import BuiltinEngine  # noqa: E402
 VOCAB = 250
 PROMPTS = [[5, 17, 3], [9], [4, 4, 4, 4, 4, 8], [200, 1]]
 PARAMS = [SamplingParams(temperature=0.0, max_new_tokens=6),
-          SamplingParams(temperature=0.8, top_k=50, max_new_tokens=6, n=2, stop_token_ids=(7,))]
+          SamplingParams(temperature=0.8, top_k=50, max_new_tokens=6, n=2, stop_token_ids=(7,)),
+          SamplingParams(temperature=1.0, max_new_tokens=10, n=8,
+                         stop_token_ids=tuple(range(3, VOCAB, 6)))]
 
 
 def build(tp, pp):
@@ -33,8 +36,9 @@ def build(tp, pp):
 
 
 def generate(model):
+    """Each params' samples and the decode batch's rows step by step."""
     engine = BuiltinEngine(model, vocab_size=VOCAB, seed=11)
-    return [engine.generate(PROMPTS, p, seed=5) for p in PARAMS]
+    return [(engine.generate(PROMPTS, p, seed=5), engine._decode_rows) for p in PARAMS]
 
 
 def main():
@@ -43,11 +47,16 @@ def main():
     model = build(1, 1)
     save_model(model, ckpt)
     reference = generate(model)
-    failures = []
+    failures = [] if len(set(reference[2][1])) > 2 else [
+        f"rows did not leave the decode batch at several steps: {reference[2][1]}"]
     for tp, pp in ((2, 1), (1, 2)):
         model = build(tp, pp)
         load_model(model, ckpt)
-        for params, want, got in zip(PARAMS, reference, generate(model)):
+        for params, (want, want_rows), (got, got_rows) in zip(PARAMS, reference,
+                                                              generate(model)):
+            if got_rows != want_rows:
+                failures.append(f"tp{tp}pp{pp} T={params.temperature}: decode batches "
+                                f"{got_rows} != {want_rows}")
             for w, g in zip(want, got):
                 if g.output_ids != w.output_ids or g.finish_reason != w.finish_reason:
                     failures.append(f"tp{tp}pp{pp} T={params.temperature}: tokens "
