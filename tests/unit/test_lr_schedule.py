@@ -1,8 +1,6 @@
 """The LR schedule spans the run's optimizer steps: the trainer advances it once per mini-batch
 (training.mini_batches x training.ppo_epochs per RL step), so a decaying schedule reaches
 training.min_lr at the last RL step, not part-way through the run."""
-import warnings
-
 import pytest
 import torch
 
@@ -10,8 +8,11 @@ from megatron_rl.compat import apply_cpu_patches
 from megatron_rl.config import ConfigError, load_config
 from megatron_rl.training.optimizer import build_lr_scheduler, optimizer_steps_per_rl_step
 
-warnings.filterwarnings("ignore")
 apply_cpu_patches()  # megatron.core imports triton on hosts without CUDA otherwise
+# The schedule is computed on a plain torch optimizer without process groups, on purpose;
+# megatron's scheduler then warns that it cannot tell its rank.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Could not determine rank from torch.distributed:UserWarning")
 
 
 def lr_per_rl_step(t):
