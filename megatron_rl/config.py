@@ -346,5 +346,20 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
     raise ConfigError(f"{path}: {error}" if path and count == 0 else error) from None
 
 
+def load_job_config(path: Optional[str], overrides: Sequence[str]):
+    """What the entry points (train, evaluate) run: the config validated for this launch
+    (WORLD_SIZE) and host, before any process group starts; None after printing the error
+    ("config error: ...", naming the key) to stderr."""
+    import os
+    import sys
+
+    try:
+        return load_config(path, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                           on_this_host=True)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return None
+
+
 def to_dict(cfg) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)

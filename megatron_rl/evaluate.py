@@ -176,15 +176,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     silence_third_party_warnings()  # before megatron.core is imported: most warn at import
     setup_logging(log_rank=int(os.environ.get("RANK", "0")) == 0)
-    from megatron_rl.config import load_config
-    from megatron_rl.errors import CheckpointError, ConfigError
+    from megatron_rl.config import load_job_config
+    from megatron_rl.errors import CheckpointError
     from megatron_rl.models.hf_mapping import ConversionError
 
-    try:  # every config error surfaces here, before any process group starts
-        cfg = load_config(args.config, args.overrides,
-                          world_size=int(os.environ.get("WORLD_SIZE", "1")), on_this_host=True)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    cfg = load_job_config(args.config, args.overrides)  # every config error, named, here
+    if cfg is None:
         return 2
     try:
         if args.hf:

@@ -33,14 +33,10 @@ def main(argv=None) -> int:
 
     silence_third_party_warnings()  # before megatron.core is imported: most warn at import
     setup_logging(log_rank=False)  # warnings only, until the logging rank is known
-    from megatron_rl.config import load_config
-    from megatron_rl.errors import ConfigError
+    from megatron_rl.config import load_job_config
 
-    try:  # every config error surfaces here, before any process group starts
-        cfg = load_config(args.config, args.overrides,
-                          world_size=int(os.environ.get("WORLD_SIZE", "1")), on_this_host=True)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    cfg = load_job_config(args.config, args.overrides)  # every config error, named, here
+    if cfg is None:
         return 2
     from megatron_rl.checkpointing.output_dir import claim_output_dir
     from megatron_rl.errors import CheckpointError, OutputDirError
