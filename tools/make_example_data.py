@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_rl.data.config import DataConfig  # noqa: E402
 from megatron_rl.data.synthetic import (VOCAB, clock_walk_prompt,  # noqa: E402
                                         clock_walk_split)
-from megatron_rl.files import publish_folder  # noqa: E402
+from megatron_rl.files import publish_folder, replace_file  # noqa: E402
 from megatron_rl.rewards.clock_walk import ground_truth  # noqa: E402
 
 DEFAULTS = DataConfig()
@@ -94,31 +94,19 @@ def save_tokenizer(path: str) -> None:
     tokenizer.save_pretrained(path)
 
 
-def _replace(path: str, write) -> None:
-    """Write `path` through a temporary name beside it, so a crash leaves the old file or none."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_parquet(path: str, table_rows: list) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(table_rows, schema=parquet_schema())
-    _replace(path, lambda tmp: pq.write_table(table, tmp))
+    replace_file(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def write_jsonl(path: str, table_rows: list) -> None:
     def write(tmp):
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             f.writelines(json.dumps(row) + "\n" for row in table_rows)
-    _replace(path, write)
+    replace_file(path, write)
 
 
 def make_example_data(out_dir: str) -> dict:

@@ -30,7 +30,7 @@ from megatron_rl.checkpointing.digests import verify_digests, write_digests
 from megatron_rl.checkpointing.model import (UnsafeCheckpointError, verify_checkpoint_metadata,
                                              write_in_this_process)
 from megatron_rl.errors import CheckpointError
-from megatron_rl.files import publish_folder
+from megatron_rl.files import publish_folder, replace_file, staging_name
 from megatron_rl.models.unwrap import unwrap_model
 
 LATEST = "latest"
@@ -102,10 +102,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, train_sta
         write_digests(tmp)
         if _rank0():
             publish_folder(tmp, final)
-            pointer = os.path.join(root, f".{LATEST}.tmp")
-            with open(pointer, "w") as f:
-                f.write(checkpoint_name(step))
-            os.replace(pointer, os.path.join(root, LATEST))
+            _point_latest(root, checkpoint_name(step))
             _prune(root, keep, step)
     except _ERRORS as e:
         causes, needed = worker_errors.messages + _chain(e), _checkpoint_bytes(root, state)
@@ -210,7 +207,7 @@ def _clear_leftovers(root: str) -> None:
     mid-save, a step never saved again). Only one job writes here (the output folder's lock)."""
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
-        if name.startswith(_TMP_PREFIX) or name == f".{LATEST}.tmp":
+        if name.startswith(_TMP_PREFIX) or name == os.path.basename(staging_name(LATEST)):
             warn(f"removing {path}, left by a save that did not finish")
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
@@ -250,27 +247,33 @@ def _read_latest(root: str) -> Optional[str]:
         return None
 
 
+def _point_latest(root: str, name: str) -> None:
+    """ROOT/latest names checkpoint folder `name`, replaced atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(name)
+
+    replace_file(os.path.join(root, LATEST), write)
+
+
 def set_aside_checkpoints(root: str, from_step: int) -> Optional[str]:
     """Move the checkpoints of steps >= from_step (weights known to be diverged) to
     ROOT/diverged/, point `latest` at the newest one left and return it (None: none left, and no
     `latest`). Nothing is deleted. Rank 0 only."""
     aside = os.path.join(root, "diverged")
-    names = sorted(n for n in os.listdir(root) if n.startswith("step_")) \
-        if os.path.isdir(root) else []
-    for name in names:
-        if int(name.split("_")[1]) >= from_step:
-            os.makedirs(aside, exist_ok=True)
-            shutil.rmtree(os.path.join(aside, name), ignore_errors=True)
-            os.rename(os.path.join(root, name), os.path.join(aside, name))
-    left = [n for n in names if int(n.split("_")[1]) < from_step]
+    left = []
+    for step, name in checkpoint_steps(root):
+        if step < from_step:
+            left.append(name)
+            continue
+        os.makedirs(aside, exist_ok=True)
+        shutil.rmtree(os.path.join(aside, name), ignore_errors=True)
+        os.rename(os.path.join(root, name), os.path.join(aside, name))
     if not left:
         if os.path.exists(os.path.join(root, LATEST)):
             os.remove(os.path.join(root, LATEST))
         return None
-    pointer = os.path.join(root, f".{LATEST}.tmp")
-    with open(pointer, "w") as f:
-        f.write(left[-1])
-    os.replace(pointer, os.path.join(root, LATEST))
+    _point_latest(root, left[-1])
     return os.path.join(root, left[-1])
 
 
