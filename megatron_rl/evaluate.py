@@ -74,19 +74,18 @@ def evaluate_model(cfg, task, source: str, hf: bool, step: int, engine_dir: str)
     import torch
     import torch.distributed as dist
 
-    from megatron_rl.analysis.validation import build_eval_sets, run_evaluation
+    from megatron_rl.analysis.validation import build_eval_sets, eval_seed, run_evaluation
     from megatron_rl.models.gpt import build_gpt_model
     from megatron_rl.parallel import state
-    from megatron_rl.rewards.scoring import Scorer
+    from megatron_rl.rewards.scoring import Scorers
     from megatron_rl.rollout.factory import build_rollout_engine
-    from megatron_rl.seeds import derive_seed
 
     owns_group = not dist.is_initialized()  # a caller's process group stays the caller's
     info = state.initialize(cfg.parallel)  # also patches megatron-core on CPU hosts: first
     from megatron.core import parallel_state as mpu
 
-    scorers: Dict[str, Scorer] = {}
-    faults: Dict[str, int] = {}
+    scorers = Scorers(cfg.reward, task.score)
+    faults = scorers.faults
     engine = None
     try:
         model = build_gpt_model(cfg.model, cfg.parallel)
@@ -106,17 +105,12 @@ def evaluate_model(cfg, task, source: str, hf: bool, step: int, engine_dir: str)
                 raise CheckpointError(f"{source} does not load into the model of the config "
                                       f"({type(e).__name__}: {e})") from e
 
-        def score_for(spec: str) -> Scorer:
-            if spec not in scorers:
-                scorers[spec] = Scorer(spec, cfg.reward, task.score, faults)
-            return scorers[spec]
-
-        sets = build_eval_sets(cfg, task, score_for, info.dp_rank, info.dp_size)
+        sets = build_eval_sets(cfg, task, scorers, info.dp_rank, info.dp_size)
         engine = build_rollout_engine(cfg, model, engine_dir, step, device=info.device.type,
                                       vocab_size=task.vocab_size)
         results, record = run_evaluation(
             engine, sets, task.decode, stop_token_ids=(task.eos_id,),
-            seed=derive_seed(cfg.rollout.seed, step, info.dp_rank, 7),
+            seed=eval_seed(cfg.rollout.seed, step, info.dp_rank),
             dp_group=mpu.get_data_parallel_group(), law_metric=cfg.training.law_metric)
         # each data-parallel replica scored its own samples (its TP/PP peers the same ones)
         names = sorted(faults)
@@ -126,8 +120,7 @@ def evaluate_model(cfg, task, source: str, hf: bool, step: int, engine_dir: str)
     finally:
         if engine is not None:
             engine.shutdown()
-        for scorer in scorers.values():
-            scorer.close()
+        scorers.close()
         if owns_group:
             state.destroy()
         else:
@@ -162,12 +155,15 @@ def report(args, source: str, step: int, results, record, faults, skipped) -> Di
 
 
 def write_json(path: str, data: Dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    from megatron_rl.files import replace_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+
+    replace_file(os.path.abspath(path), write)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

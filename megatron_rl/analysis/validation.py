@@ -20,6 +20,7 @@ Prompt = Tuple[List[int], str]  # (prompt token ids, ground-truth answer)
 Score = Callable[[List[str], List[str]], List[float]]  # (responses, answers) -> rewards
 MEAN_KEY = "eval/mean/accuracy"
 LAW_KEY = "eval_accuracy"  # what the entropy law and the plots read; holds the law metric's value
+EVAL_SEED_TAG = 7  # derive_seed's tag of evaluation's draws (rollouts' have none)
 # A sample passes when its reward is above this: 1 for the 0/1 verifiers (exact, math), +1 for
 # +-1 rewards, and a penalised wrong answer (< 0) does not pass.
 PASS_ABOVE = 0.0
@@ -45,6 +46,12 @@ class EvalSpec:
         keys = [f"eval/{self.name}/{what}" for what in
                 ("accuracy", f"pass@{self.samples}", "response_tokens", "truncated")]
         return keys + ([self.alias] if self.alias else [])
+
+
+def eval_seed(rollout_seed: int, step: int, dp_rank: int) -> int:
+    """The sampling seed of an evaluation at `step` on a data-parallel rank (the trainer's and the
+    evaluator's alike, so a checkpoint scores what its run logged at that step)."""
+    return derive_seed(rollout_seed, step, dp_rank, EVAL_SEED_TAG)
 
 
 def eval_specs(cfg) -> List[EvalSpec]:

@@ -57,3 +57,23 @@ class Scorer:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+
+
+class Scorers:
+    """One Scorer per reward spec, made at its first use (`scorers(spec)`), all counting their
+    faults in one dict: the trainer's rewards and evaluation sets, the evaluator's sets."""
+
+    def __init__(self, reward_cfg, exact: Callable[[Sequence[str], Sequence[str]], List[float]],
+                 faults: Optional[Dict[str, int]] = None):
+        self.cfg, self.exact = reward_cfg, exact
+        self.faults = faults if faults is not None else {}
+        self._by_spec: Dict[str, Scorer] = {}
+
+    def __call__(self, spec: str) -> Scorer:
+        if spec not in self._by_spec:
+            self._by_spec[spec] = Scorer(spec, self.cfg, self.exact, self.faults)
+        return self._by_spec[spec]
+
+    def close(self) -> None:
+        for scorer in self._by_spec.values():
+            scorer.close()

@@ -36,7 +36,8 @@ from megatron_rl.training.rl_batch import MicroBatch
 
 logger = logging.getLogger(__name__)
 
-RESAMPLE_SEED_TAG = 8  # derive_seed's tag of dynamic sampling's extra rounds (evaluation's is 7)
+# derive_seed's tag of dynamic sampling's extra rounds (evaluation's: validation.EVAL_SEED_TAG)
+RESAMPLE_SEED_TAG = 8
 
 
 @dataclass
@@ -64,7 +65,7 @@ class RLTrainer:
         under training.output_dir/checkpoints, if any) or a checkpoint path. Collective."""
         self.cfg = cfg
         self.model = self.ref_model = self.sinks = None
-        self.scorers: Dict[str, object] = {}
+        self.scorers = None
         self.engine: Optional[RolloutEngine] = None
         self.bar = None
         self._closed = False
@@ -86,6 +87,7 @@ class RLTrainer:
         from megatron_rl.checkpointing.checkpoint import resume_candidates
         from megatron_rl.config import to_dict
         from megatron_rl.console import setup_logging
+        from megatron_rl.rewards.scoring import Scorers
         from megatron_rl.data.task import build_task
         from megatron_rl.models.gpt import build_gpt_model
         from megatron_rl.parallel import state
@@ -100,10 +102,13 @@ class RLTrainer:
         self.info = info = state.initialize(cfg.parallel)
         self.task = build_task(cfg)
         self.reward_faults = {"timeout": 0, "error": 0, "memory": 0, "invalid": 0}
-        # Verifiers other than the task's own ("exact") run in worker processes with a timeout
-        # (a hung or crashing check scores 0 and is counted, never stalls the step); built now
-        # so that a reward.fn that does not import fails before the model is built.
-        self.scorer(cfg.reward.fn)
+        # One Scorer per reward spec (training's reward.fn, evaluation sets' own), counting
+        # faults in reward_faults. Verifiers other than the task's own ("exact") run in worker
+        # processes with a timeout (a hung or crashing check scores 0 and is counted, never
+        # stalls the step). The task's check is looked up at each call (tests replace it).
+        self.scorers = Scorers(cfg.reward, lambda responses, answers: self.task.score(
+            responses, answers), self.reward_faults)
+        self.scorers(cfg.reward.fn)  # now: a reward.fn that does not import fails here
         self.is_logger = info.is_last_pp_stage and info.tp_rank == 0 and info.dp_rank == 0
         setup_logging(self.is_logger)
         self.out_dir, self.ckpt_root = t.output_dir, os.path.join(t.output_dir, "checkpoints")
@@ -188,13 +193,13 @@ class RLTrainer:
                     # keep_checkpoints is kept, so that one survives too).
                     if self.guard.streak and not stop:
                         logger.info(f"step {step}: no checkpoint while the run looks diverged "
-                                      f"({self.guard.reasons[-1]}; {self.guard.streak} step(s))")
+                                    f"({self.guard.reasons[-1]}; {self.guard.streak} step(s))")
                     else:
                         self.save()
                 if stop:
                     what = "/".join(sorted(set(self._stop_signals))) or "a signal on another rank"
                     logger.info(f"{what}: checkpoint of step {step} written to "
-                                  f"{self.ckpt_root}; exiting (continue with --resume auto)")
+                                f"{self.ckpt_root}; exiting (continue with --resume auto)")
                     break
                 if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
                     from megatron_rl.checkpointing.checkpoint import latest_checkpoint
@@ -269,12 +274,14 @@ class RLTrainer:
 
     # -- the phases ----------------------------------------------------------------------------
 
+    def rank_share(self, prompts):
+        """This DP rank's contiguous share of a step's rollout.prompts_per_step prompts."""
+        per_rank = self.cfg.rollout.prompts_per_step // self.info.dp_size
+        return prompts[self.info.dp_rank * per_rank: (self.info.dp_rank + 1) * per_rank]
+
     def rank_prompts(self, step: int):
         """This DP rank's share of the step's (prompt ids, answer) pairs."""
-        count = self.cfg.rollout.prompts_per_step
-        per_rank = count // self.info.dp_size
-        prompts = self.task.prompts_for_step(step, count)
-        return prompts[self.info.dp_rank * per_rank: (self.info.dp_rank + 1) * per_rank]
+        return self.rank_share(self.task.prompts_for_step(step, self.cfg.rollout.prompts_per_step))
 
     def rollout(self, step: int) -> RolloutBatch:
         """This DP rank's prompts, algorithm.n samples each. With algorithm.filter_equal_groups:
@@ -319,7 +326,7 @@ class RLTrainer:
         while rounds < alg.resample_max_rounds and self.any_rank(found < need):
             rounds += 1
             extra = self.task.prompts_for_resample(step, rounds, rc.prompts_per_step)
-            mine = extra[info.dp_rank * need: (info.dp_rank + 1) * need] if found < need else []
+            mine = self.rank_share(extra) if found < need else []
             more = self.generate(mine, seed=derive_seed(rc.seed, step, info.dp_rank,
                                                         RESAMPLE_SEED_TAG, rounds))
             self.score(more)
@@ -352,24 +359,11 @@ class RLTrainer:
                         f"other {rc.prompts_per_step - informative:.0f} get no loss")
         return kept
 
-    def scorer(self, spec: str):
-        """The Scorer of reward spec `spec` (rewards/scoring.py: the task's check in this
-        process, or reward workers with a timeout; a reward that is not a finite number in
-        [reward.min_value, reward.max_value] is a verifier fault: 0, counted, logged). One per
-        spec, all counting their faults in reward_faults (reward/*_total)."""
-        from megatron_rl.rewards.scoring import Scorer
-
-        if spec not in self.scorers:
-            # the task's check looked up at each call (tests replace it)
-            self.scorers[spec] = Scorer(spec, self.cfg.reward,
-                                        lambda responses, answers: self.task.score(responses,
-                                                                                   answers),
-                                        self.reward_faults)
-        return self.scorers[spec]
-
     def score_texts(self, responses: List[str], answers: List[str]) -> List[float]:
-        """Training rewards: reward.fn's scorer."""
-        return self.scorer(self.cfg.reward.fn)(responses, answers)
+        """Training rewards: reward.fn's Scorer (rewards/scoring.py: the task's check in this
+        process, or reward workers with a timeout; a reward that is not a finite number in
+        [reward.min_value, reward.max_value] is a verifier fault: 0, counted, logged)."""
+        return self.scorers(self.cfg.reward.fn)(responses, answers)
 
     def score(self, batch: RolloutBatch) -> None:
         if batch.rewards is not None:  # scored in rollout (dynamic sampling)
@@ -454,17 +448,17 @@ class RLTrainer:
         task's held-out set, each scored by its reward spec's Scorer."""
         from megatron_rl.analysis.validation import build_eval_sets
 
-        return build_eval_sets(self.cfg, self.task, self.scorer, self.info.dp_rank,
+        return build_eval_sets(self.cfg, self.task, self.scorers, self.info.dp_rank,
                                self.info.dp_size)
 
     def evaluate(self, step: int) -> Dict[str, float]:
         """Every evaluation set's metrics, eval/mean/accuracy with data.eval_sets, and
         eval_accuracy: the value of training.law_metric, what the law and the plots use."""
-        from megatron_rl.analysis.validation import run_evaluation
+        from megatron_rl.analysis.validation import eval_seed, run_evaluation
 
         _, record = run_evaluation(
             self.engine, self.eval_sets, self.task.decode, stop_token_ids=(self.task.eos_id,),
-            seed=derive_seed(self.cfg.rollout.seed, step, self.info.dp_rank, 7),
+            seed=eval_seed(self.cfg.rollout.seed, step, self.info.dp_rank),
             dp_group=self.dp_group, law_metric=self.cfg.training.law_metric)
         return record
 
@@ -522,7 +516,7 @@ class RLTrainer:
         entropy = record.get("entropy", float("nan"))
         if step == 0:
             logger.info("step 0: " + " ".join(f"{k} {v:.3f}" for k, v in record.items()
-                                                if k != "step"))
+                                              if k != "step"))
             return
         self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}", entropy=f"{entropy:.3f}",
                              s_per_step=f"{record['step_time_s']:.2f}",
@@ -531,9 +525,9 @@ class RLTrainer:
         self.bar.update(1)
         if step % self.cfg.training.log_interval == 0:
             logger.info(f"step {step}: reward {record['reward_mean']:.3f} entropy "
-                          f"{entropy:.4f} " + (f"eval_acc {record['eval_accuracy']:.3f} "
-                                               if "eval_accuracy" in record else "")
-                          + f"{record['step_time_s']:.2f}s")
+                        f"{entropy:.4f} " + (f"eval_acc {record['eval_accuracy']:.3f} "
+                                             if "eval_accuracy" in record else "")
+                        + f"{record['step_time_s']:.2f}s")
 
     def _on_stop_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -542,7 +536,7 @@ class RLTrainer:
         self._stop_signals.append(name)
         if signum == signal.SIGINT:
             logger.info("SIGINT: finishing the current step, then a checkpoint and exit "
-                          "(Ctrl-C again to abort without one)")
+                        "(Ctrl-C again to abort without one)")
 
     def any_rank(self, flag: bool) -> bool:
         """True when `flag` is true on any rank (all-reduced: every rank decides the same)."""
@@ -590,8 +584,8 @@ class RLTrainer:
             self.engine.shutdown()
         if self.bar is not None:
             self.bar.close()
-        for scorer in self.scorers.values():
-            scorer.close()
+        if self.scorers is not None:
+            self.scorers.close()
         if self.sinks is not None:
             self.sinks.close()
         for sig, handler in self._previous_handlers.items():
