@@ -5,7 +5,7 @@
 // (cpu/vocab_parallel_cpu.cpp, cuda/vocab_parallel_cuda.cpp). The Python module itself is empty
 // and exists only so that `import megatron_rl._C` loads the library.
 //
-// The three ops are the phases of the vocab-parallel log-prob / entropy / covariance computation
+// The ops are the phases of the vocab-parallel log-prob / entropy / covariance computation
 // on one process's block of logits columns; the TP all-reduces between them are done in Python
 // (megatron_rl/ops/vocab_parallel.py). Shapes: logits [tokens, cols] (unit column stride), per-token
 // vectors [tokens] in the accumulation dtype (float64 for float64 logits, float32 otherwise).
@@ -35,6 +35,11 @@ TORCH_LIBRARY(megatron_rl, m) {
   m.def("logprob_entropy_backward(Tensor logits, Tensor target, Tensor lse, Tensor entropy, "
         "Tensor grad_logprob, Tensor grad_entropy, float inv_temperature, int vocab_start, "
         "int valid_cols) -> Tensor");
+  // The same gradient written over the logits (for callers whose logits are dead after the
+  // backward, as megatron's vocab_parallel_cross_entropy does); no [tokens, cols] allocation.
+  m.def("logprob_entropy_backward_(Tensor(a!) logits, Tensor target, Tensor lse, Tensor entropy, "
+        "Tensor grad_logprob, Tensor grad_entropy, float inv_temperature, int vocab_start, "
+        "int valid_cols) -> ()");
   // -> [2, tokens]: this block's share of Cov_p(log p, delta) and of E_p[delta], given the global
   // lse and entropy.
   m.def("covariance_partials(Tensor logits, Tensor delta, Tensor lse, Tensor entropy, "

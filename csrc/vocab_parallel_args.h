@@ -2,6 +2,7 @@
 // vocab-parallel ops, so each launcher only picks threads/streams and calls its kernels.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
@@ -79,23 +80,33 @@ struct BackwardCall {
   kernels::VocabBlock block;
   kernels::DType dtype;
   const int64_t* target;
-  at::Tensor grad;  // [rows, cols], contiguous, logits' dtype
+  at::Tensor grad;          // [rows, cols], logits' dtype: a new contiguous tensor, or the logits
+  int64_t grad_row_stride;  // elements between rows of grad
 };
 
+// inplace: the gradient overwrites the logits (callers whose logits are dead after the backward);
+// otherwise it goes to a new contiguous tensor.
 inline BackwardCall prepare_logprob_entropy_backward(const at::Tensor& logits, const at::Tensor& target,
                                                      const at::Tensor& lse, const at::Tensor& entropy,
                                                      const at::Tensor& grad_logprob,
                                                      const at::Tensor& grad_entropy, double inv_temperature,
-                                                     int64_t vocab_start, int64_t valid_cols) {
-  const char* op = "megatron_rl::logprob_entropy_backward";
+                                                     int64_t vocab_start, int64_t valid_cols, bool inplace) {
+  const char* op = inplace ? "megatron_rl::logprob_entropy_backward_" : "megatron_rl::logprob_entropy_backward";
   const kernels::VocabBlock b = vocab_block(logits, inv_temperature, vocab_start, valid_cols, op);
   const at::ScalarType acc = acc_dtype(logits);
   check_row_vector(lse, logits, acc, "lse", op);
   check_row_vector(entropy, logits, acc, "entropy", op);
   check_row_vector(grad_logprob, logits, acc, "grad_logprob", op);
   check_row_vector(grad_entropy, logits, acc, "grad_entropy", op);
+  if (inplace) {
+    // Rows that share memory would be written by one row and read by another.
+    TORCH_CHECK(at::has_internal_overlap(logits) != at::MemOverlap::Yes, op,
+                ": logits have overlapping rows; they cannot hold the gradient in place");
+    return BackwardCall{b, kernel_dtype(logits.scalar_type(), op), target_ptr(target, logits, op), logits,
+                        b.row_stride};
+  }
   return BackwardCall{b, kernel_dtype(logits.scalar_type(), op), target_ptr(target, logits, op),
-                      at::empty({b.rows, b.cols}, logits.options())};
+                      at::empty({b.rows, b.cols}, logits.options()), b.cols};
 }
 
 struct CovarianceCall {

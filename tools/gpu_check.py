@@ -8,11 +8,13 @@ Checks (each recorded, the run exits 1 if any fails):
 - the three phase ops on a vocab shard with vocab_start != 0 (what TP=2 runs) against the CPU
   extension on the same data;
 - the hidden-states version (output_layer_logprobs_entropy) on CUDA against dense float64;
-- torch.autograd.gradcheck in float64 on CUDA.
+- torch.autograd.gradcheck in float64 on CUDA;
+- inplace_backward: the gradient written over the logits equals the out-of-place one bitwise.
 Timings (CUDA events, median of several runs) of the forward, the backward and the covariance on
 [tokens, V_local] logits against the plain PyTorch path (log_softmax + gather + entropy), the
 effective bandwidth of each kernel next to a device-to-device copy, and the peak extra memory
-(torch.cuda.max_memory_allocated). Everything goes to a JSON results file.
+(torch.cuda.max_memory_allocated); the in-place forward + backward against two torch.exp passes
+into a preallocated buffer (the floor of bench_ops.py). Everything goes to a JSON results file.
 """
 import argparse
 import json
@@ -77,6 +79,15 @@ def check_logprobs_entropy(logits, target, temperature, vocab_size=None):
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=rtol, atol=atol)
     if vocab_size is not None:
         assert torch.all(x.grad[..., vocab_size:] == 0), "padding columns got gradient"
+    # inplace_backward: the same bits, written over the logits (a non-leaf copy of them)
+    y = logits.detach().clone().requires_grad_(True) * 1
+    seen = []
+    y.register_hook(seen.append)
+    lp, h = vocab_parallel_logprobs_entropy(y, target, temperature, vocab_size=vocab_size,
+                                            inplace_backward=True)
+    (grad_lp.to(lp.dtype) * lp + grad_h.to(h.dtype) * h).sum().backward()
+    assert seen[0].data_ptr() == y.data_ptr(), "in-place gradient is not in the logits' memory"
+    assert torch.equal(seen[0], x.grad), "in-place gradient differs from the out-of-place one"
     return {"max_err_logprob": max_err(lp, ref_lp), "max_err_entropy": max_err(h, ref_h),
             "max_err_grad": max_err(x.grad, x64.grad)}
 
@@ -237,8 +248,18 @@ def run_timings(tokens, repeats):
                 lp, h = fn(x, target)
                 (lp + 0.01 * h).sum().backward()
 
+            def fwd_bwd_inplace():
+                # a non-leaf view: the gradient overwrites `logits` (run last: the values change,
+                # the work does not)
+                x = logits.detach().requires_grad_(True)
+                lp, h = vocab_parallel_logprobs_entropy(x.view_as(x), target,
+                                                        inplace_backward=True)
+                (lp + 0.01 * h).sum().backward()
+
             ext_s = cuda_time(lambda: fwd_bwd(vocab_parallel_logprobs_entropy), repeats)
             plain_s = cuda_time(lambda: fwd_bwd(plain_logprobs_entropy), repeats)
+            exp_pass_s = cuda_time(lambda: torch.exp(logits, out=delta), repeats)
+            inplace_s = cuda_time(fwd_bwd_inplace, repeats)
             row = {"dtype": str(dtype), "tokens": tokens, "vocab": vocab,
                    "stats_kernel_s": fwd_kernel, "stats_GBps": nbytes / fwd_kernel / 1e9,
                    "backward_kernel_s": bwd_kernel, "backward_GBps": 2 * nbytes / bwd_kernel / 1e9,
@@ -248,7 +269,11 @@ def run_timings(tokens, repeats):
                    "ext_peak_extra_MiB": peak_extra_bytes(
                        lambda: fwd_bwd(vocab_parallel_logprobs_entropy)) / 2**20,
                    "plain_peak_extra_MiB": peak_extra_bytes(
-                       lambda: fwd_bwd(plain_logprobs_entropy)) / 2**20}
+                       lambda: fwd_bwd(plain_logprobs_entropy)) / 2**20,
+                   "exp_pass_s": exp_pass_s, "ext_inplace_fwd_bwd_s": inplace_s,
+                   "ext_inplace_vs_two_exp_passes": inplace_s / (2 * exp_pass_s),
+                   "ext_inplace_peak_extra_MiB": peak_extra_bytes(fwd_bwd_inplace) / 2**20,
+                   "logits_MiB": nbytes / 2**20}
             RESULTS["timings"].append(row)
             print(f"{dtype} [{tokens}, {vocab}]: stats {fwd_kernel * 1e3:.3f} ms "
                   f"({row['stats_GBps']:.0f} GB/s), backward {bwd_kernel * 1e3:.3f} ms "
@@ -256,7 +281,9 @@ def run_timings(tokens, repeats):
                   f"({row['covariance_GBps']:.0f} GB/s); fwd+bwd ext {ext_s * 1e3:.2f} ms "
                   f"vs plain {plain_s * 1e3:.2f} ms; peak extra ext "
                   f"{row['ext_peak_extra_MiB']:.0f} MiB vs plain "
-                  f"{row['plain_peak_extra_MiB']:.0f} MiB", flush=True)
+                  f"{row['plain_peak_extra_MiB']:.0f} MiB; in place {inplace_s * 1e3:.2f} ms = "
+                  f"{row['ext_inplace_vs_two_exp_passes']:.2f}x two exp passes, peak extra "
+                  f"{row['ext_inplace_peak_extra_MiB']:.0f} MiB", flush=True)
             # frees both before the next case allocates its own (not `del`: the lambdas and
             # fwd_bwd above name them)
             logits = delta = None

@@ -30,12 +30,10 @@ at::Tensor logprob_stats(const at::Tensor& logits, const std::optional<at::Tenso
   return call.stats;
 }
 
-at::Tensor logprob_entropy_backward(const at::Tensor& logits, const at::Tensor& target,
-                                    const at::Tensor& lse, const at::Tensor& entropy,
-                                    const at::Tensor& grad_logprob, const at::Tensor& grad_entropy,
-                                    double inv_temperature, int64_t vocab_start, int64_t valid_cols) {
-  BackwardCall call = prepare_logprob_entropy_backward(logits, target, lse, entropy, grad_logprob, grad_entropy,
-                                                       inv_temperature, vocab_start, valid_cols);
+// Writes the gradient into call.grad (a new tensor, or the logits for the in-place op).
+void run_logprob_entropy_backward(const BackwardCall& call, const at::Tensor& logits, const at::Tensor& lse,
+                                  const at::Tensor& entropy, const at::Tensor& grad_logprob,
+                                  const at::Tensor& grad_entropy) {
   kernels::dispatch_dtype(call.dtype, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = kernels::acc_type<scalar_t>;
@@ -43,10 +41,29 @@ at::Tensor logprob_entropy_backward(const at::Tensor& logits, const at::Tensor& 
     at::parallel_for(0, call.block.rows, row_grain(call.block), [&](int64_t begin, int64_t end) {
       kernels::logprob_entropy_backward_cpu(typed<scalar_t>(logits), call.target, typed<acc_t>(lse),
                                             typed<acc_t>(entropy), typed<acc_t>(grad_logprob),
-                                            typed<acc_t>(grad_entropy), call.block, out, begin, end);
+                                            typed<acc_t>(grad_entropy), call.block, out, call.grad_row_stride,
+                                            begin, end);
     });
   });
+}
+
+at::Tensor logprob_entropy_backward(const at::Tensor& logits, const at::Tensor& target,
+                                    const at::Tensor& lse, const at::Tensor& entropy,
+                                    const at::Tensor& grad_logprob, const at::Tensor& grad_entropy,
+                                    double inv_temperature, int64_t vocab_start, int64_t valid_cols) {
+  const BackwardCall call = prepare_logprob_entropy_backward(
+      logits, target, lse, entropy, grad_logprob, grad_entropy, inv_temperature, vocab_start, valid_cols, false);
+  run_logprob_entropy_backward(call, logits, lse, entropy, grad_logprob, grad_entropy);
   return call.grad;
+}
+
+void logprob_entropy_backward_(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+                               const at::Tensor& entropy, const at::Tensor& grad_logprob,
+                               const at::Tensor& grad_entropy, double inv_temperature, int64_t vocab_start,
+                               int64_t valid_cols) {
+  const BackwardCall call = prepare_logprob_entropy_backward(
+      logits, target, lse, entropy, grad_logprob, grad_entropy, inv_temperature, vocab_start, valid_cols, true);
+  run_logprob_entropy_backward(call, logits, lse, entropy, grad_logprob, grad_entropy);
 }
 
 at::Tensor covariance_partials(const at::Tensor& logits, const at::Tensor& delta, const at::Tensor& lse,
@@ -75,5 +92,6 @@ at::Tensor covariance_partials(const at::Tensor& logits, const at::Tensor& delta
 TORCH_LIBRARY_IMPL(megatron_rl, CPU, m) {
   m.impl("logprob_stats", &megatron_rl::logprob_stats);
   m.impl("logprob_entropy_backward", &megatron_rl::logprob_entropy_backward);
+  m.impl("logprob_entropy_backward_", &megatron_rl::logprob_entropy_backward_);
   m.impl("covariance_partials", &megatron_rl::covariance_partials);
 }

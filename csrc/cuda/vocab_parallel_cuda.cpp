@@ -27,19 +27,37 @@ at::Tensor logprob_stats(const at::Tensor& logits, const std::optional<at::Tenso
   return call.stats;
 }
 
+void run_logprob_entropy_backward(const BackwardCall& call, const at::Tensor& logits, const at::Tensor& lse,
+                                  const at::Tensor& entropy, const at::Tensor& grad_logprob,
+                                  const at::Tensor& grad_entropy, const char* op) {
+  check_launch(kernels::launch_logprob_entropy_backward(
+                   call.dtype, logits.const_data_ptr(), call.target, lse.const_data_ptr(),
+                   entropy.const_data_ptr(), grad_logprob.const_data_ptr(), grad_entropy.const_data_ptr(),
+                   call.block, call.grad.data_ptr(), call.grad_row_stride, current_stream()),
+               op);
+}
+
 at::Tensor logprob_entropy_backward(const at::Tensor& logits, const at::Tensor& target,
                                     const at::Tensor& lse, const at::Tensor& entropy,
                                     const at::Tensor& grad_logprob, const at::Tensor& grad_entropy,
                                     double inv_temperature, int64_t vocab_start, int64_t valid_cols) {
   const c10::cuda::CUDAGuard device_guard(logits.device());
-  BackwardCall call = prepare_logprob_entropy_backward(logits, target, lse, entropy, grad_logprob, grad_entropy,
-                                                       inv_temperature, vocab_start, valid_cols);
-  check_launch(kernels::launch_logprob_entropy_backward(
-                   call.dtype, logits.const_data_ptr(), call.target, lse.const_data_ptr(),
-                   entropy.const_data_ptr(), grad_logprob.const_data_ptr(), grad_entropy.const_data_ptr(),
-                   call.block, call.grad.data_ptr(), current_stream()),
-               "megatron_rl::logprob_entropy_backward");
+  const BackwardCall call = prepare_logprob_entropy_backward(
+      logits, target, lse, entropy, grad_logprob, grad_entropy, inv_temperature, vocab_start, valid_cols, false);
+  run_logprob_entropy_backward(call, logits, lse, entropy, grad_logprob, grad_entropy,
+                               "megatron_rl::logprob_entropy_backward");
   return call.grad;
+}
+
+void logprob_entropy_backward_(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+                               const at::Tensor& entropy, const at::Tensor& grad_logprob,
+                               const at::Tensor& grad_entropy, double inv_temperature, int64_t vocab_start,
+                               int64_t valid_cols) {
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const BackwardCall call = prepare_logprob_entropy_backward(
+      logits, target, lse, entropy, grad_logprob, grad_entropy, inv_temperature, vocab_start, valid_cols, true);
+  run_logprob_entropy_backward(call, logits, lse, entropy, grad_logprob, grad_entropy,
+                               "megatron_rl::logprob_entropy_backward_");
 }
 
 at::Tensor covariance_partials(const at::Tensor& logits, const at::Tensor& delta, const at::Tensor& lse,
@@ -60,5 +78,6 @@ at::Tensor covariance_partials(const at::Tensor& logits, const at::Tensor& delta
 TORCH_LIBRARY_IMPL(megatron_rl, CUDA, m) {
   m.impl("logprob_stats", &megatron_rl::logprob_stats);
   m.impl("logprob_entropy_backward", &megatron_rl::logprob_entropy_backward);
+  m.impl("logprob_entropy_backward_", &megatron_rl::logprob_entropy_backward_);
   m.impl("covariance_partials", &megatron_rl::covariance_partials);
 }

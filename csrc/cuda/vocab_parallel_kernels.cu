@@ -149,16 +149,19 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
-    logprob_entropy_backward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
+    logprob_entropy_backward_kernel(const scalar_t* logits, const int64_t* __restrict__ target,
                                     const acc_type<scalar_t>* __restrict__ lse,
                                     const acc_type<scalar_t>* __restrict__ entropy,
                                     const acc_type<scalar_t>* __restrict__ grad_logprob,
                                     const acc_type<scalar_t>* __restrict__ grad_entropy, VocabBlock b,
-                                    scalar_t* __restrict__ grad) {
+                                    scalar_t* grad, int64_t grad_row_stride) {
+  // logits and grad are not __restrict__: the in-place op passes the same memory. Each thread
+  // loads a pack, then stores the gradient of those columns only, so no element is read after
+  // another thread has written it.
   using acc_t = acc_type<scalar_t>;
   const int64_t row = blockIdx.x;
   const scalar_t* x = logits + row * b.row_stride;
-  scalar_t* g = grad + row * b.cols;
+  scalar_t* g = grad + row * grad_row_stride;
   const acc_t inv_t = static_cast<acc_t>(b.inv_temperature);
   const acc_t row_lse = lse[row], row_entropy = entropy[row];
   const acc_t g_lp = grad_logprob[row] * inv_t, g_h = grad_entropy[row] * inv_t;
@@ -253,20 +256,21 @@ const char* launch_logprob_stats(DType dtype, const void* logits, const int64_t*
 const char* launch_logprob_entropy_backward(DType dtype, const void* logits, const int64_t* target,
                                             const void* lse, const void* entropy, const void* grad_logprob,
                                             const void* grad_entropy, const VocabBlock& b, void* grad,
-                                            cudaStream_t stream) {
+                                            int64_t grad_row_stride, cudaStream_t stream) {
   if (b.rows == 0) return nullptr;
   return dispatch_dtype(dtype, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = acc_type<scalar_t>;
     const auto* x = static_cast<const scalar_t*>(logits);
     auto* g = static_cast<scalar_t*>(grad);
-    const bool aligned = rows_aligned(x, b.row_stride, sizeof(scalar_t)) && rows_aligned(g, b.cols, sizeof(scalar_t));
+    const bool aligned = rows_aligned(x, b.row_stride, sizeof(scalar_t)) && rows_aligned(g, grad_row_stride, sizeof(scalar_t));
     return launch_with_pack_width<kPackWidth<scalar_t>>(aligned, [&](auto width) {
       constexpr int W = decltype(width)::value;
       logprob_entropy_backward_kernel<scalar_t, W><<<static_cast<unsigned>(b.rows), threads_for(b.cols, W), 0,
                                                      stream>>>(
           x, target, static_cast<const acc_t*>(lse), static_cast<const acc_t*>(entropy),
-          static_cast<const acc_t*>(grad_logprob), static_cast<const acc_t*>(grad_entropy), b, g);
+          static_cast<const acc_t*>(grad_logprob), static_cast<const acc_t*>(grad_entropy), b, g,
+          grad_row_stride);
     });
   });
 }

@@ -62,32 +62,37 @@ MRL_CPU_MULTIVERSION void logprob_stats_cpu(const scalar_t* logits, const int64_
   }
 }
 
-// grad_logits [rows, cols] (contiguous, logits' dtype) of g_logprob * logprob + g_entropy * entropy,
-// recomputing p from the logits and the global lse; padding columns get 0.
+// grad [rows, cols] (row stride grad_row_stride, logits' dtype) of g_logprob * logprob +
+// g_entropy * entropy, recomputing p from the logits and the global lse; padding columns get 0.
+// grad may be the logits themselves (in-place backward): each element is read before it is
+// written, and the target column's logit is read before the row is overwritten.
 template <typename scalar_t>
 MRL_CPU_MULTIVERSION void logprob_entropy_backward_cpu(const scalar_t* logits, const int64_t* target,
                                   const acc_type<scalar_t>* lse, const acc_type<scalar_t>* entropy,
                                   const acc_type<scalar_t>* grad_logprob,
                                   const acc_type<scalar_t>* grad_entropy, const VocabBlock& b,
-                                  scalar_t* grad, int64_t row_begin, int64_t row_end) {
+                                  scalar_t* grad, int64_t grad_row_stride, int64_t row_begin,
+                                  int64_t row_end) {
   using acc_t = acc_type<scalar_t>;
   const acc_t inv_t = static_cast<acc_t>(b.inv_temperature);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* x = logits + r * b.row_stride;
-    scalar_t* g = grad + r * b.cols;
+    scalar_t* g = grad + r * grad_row_stride;
     const acc_t row_lse = lse[r], row_entropy = entropy[r];
     // The 1/T of dz/dlogits is folded into the per-row coefficients.
     const acc_t g_lp = grad_logprob[r] * inv_t, g_h = grad_entropy[r] * inv_t;
-    auto grad_at = [&](int64_t j, bool is_target) {
-      const acc_t lp = to_acc<acc_t>(x[j]) * inv_t - row_lse;
+    auto grad_of = [&](scalar_t logit, bool is_target) {
+      const acc_t lp = to_acc<acc_t>(logit) * inv_t - row_lse;
       return from_acc<scalar_t>(logprob_entropy_grad(lp, exp_bounded(lp), row_entropy, g_lp, g_h, is_target));
     };
+    int64_t target_col;
+    const bool has_target = target_column(target, r, b, target_col);
+    const scalar_t target_logit = has_target ? x[target_col] : scalar_t{};
 #pragma omp simd
-    for (int64_t j = 0; j < b.valid_cols; ++j) g[j] = grad_at(j, false);
+    for (int64_t j = 0; j < b.valid_cols; ++j) g[j] = grad_of(x[j], false);
     // The target column is redone outside the loop: a 64-bit index compare per element would
     // halve the vector width of the loop.
-    int64_t target_col;
-    if (target_column(target, r, b, target_col)) g[target_col] = grad_at(target_col, true);
+    if (has_target) g[target_col] = grad_of(target_logit, true);
     for (int64_t j = b.valid_cols; j < b.cols; ++j) g[j] = from_acc<scalar_t>(acc_t(0));
   }
 }

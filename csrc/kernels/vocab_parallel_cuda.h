@@ -15,11 +15,11 @@ namespace kernels {
 const char* launch_logprob_stats(DType dtype, const void* logits, const int64_t* target, const VocabBlock& block,
                                  void* stats, cudaStream_t stream);
 
-// grad [rows, cols] contiguous in the logits' dtype.
+// grad [rows, cols] in the logits' dtype, rows grad_row_stride elements apart; may be the logits.
 const char* launch_logprob_entropy_backward(DType dtype, const void* logits, const int64_t* target,
                                             const void* lse, const void* entropy, const void* grad_logprob,
                                             const void* grad_entropy, const VocabBlock& block, void* grad,
-                                            cudaStream_t stream);
+                                            int64_t grad_row_stride, cudaStream_t stream);
 
 // partials [2, rows]; delta_dtype is the logits' dtype or kFloat32.
 const char* launch_covariance_partials(DType dtype, DType delta_dtype, const void* logits, const void* delta,

@@ -2,9 +2,9 @@
 
 The logits hidden @ weight.T are produced one [token_chunk, vocab_chunk] block at a time, reduced
 by the extension's logprob_stats into per-token softmax moments that merge exactly across blocks
-and TP ranks, and dropped; the backward recomputes each block, turns it into its logits gradient
-with logprob_entropy_backward and folds that into grad_hidden and grad_weight. Peak extra memory is
-one block (plus its gradient) and O(tokens), never [tokens, vocab].
+and TP ranks, and dropped; the backward recomputes each block, overwrites it with its logits
+gradient (logprob_entropy_backward_) and folds that into grad_hidden and grad_weight. Peak extra
+memory is one block and O(tokens), never [tokens, vocab].
 
 TP: weight is this rank's [V_local, h] shard of megatron's ColumnParallelLinear output layer,
 hidden the full input that layer multiplies (after any sequence-parallel gather). grad_weight is
@@ -62,9 +62,10 @@ class _OutputLayerLogprobsEntropy(torch.autograd.Function):
         grad_hidden = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
         for tokens, v0, v1 in _blocks(hidden.shape[0], weight.shape[0], token_chunk, vocab_chunk):
-            logits = hidden[tokens] @ weight[v0:v1].t()
-            grad_logits = ops.logprob_entropy_backward(
-                logits, target[tokens], lse[tokens], entropy[tokens], grad_logprobs[tokens],
+            # The block's logits are dead once turned into their gradient: written in place.
+            grad_logits = hidden[tokens] @ weight[v0:v1].t()
+            ops.logprob_entropy_backward_(
+                grad_logits, target[tokens], lse[tokens], entropy[tokens], grad_logprobs[tokens],
                 grad_entropy[tokens], inv_temperature, vocab_start + v0,
                 min(max(valid_cols - v0, 0), v1 - v0))
             grad_hidden[tokens] += grad_logits @ weight[v0:v1]

@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of the vocab-parallel ops.
 
 Two kinds of functions live here:
-- the three phase ops with the signatures of the extension's torch.ops.megatron_rl.* (used instead
+- the phase ops with the signatures of the extension's torch.ops.megatron_rl.* (used instead
   of them, with a one-line warning, when megatron_rl._C is missing or was built without the
   logits' device), chunked over tokens so they too stay within O(tokens) + one chunk of memory;
 - dense references on gathered (full-vocabulary) logits, exact in float64 and differentiable by
@@ -53,12 +53,13 @@ def logprob_stats(logits, target, inv_temperature, vocab_start, valid_cols):
     return stats
 
 
-def logprob_entropy_backward(logits, target, lse, entropy, grad_logprob, grad_entropy,
-                             inv_temperature, vocab_start, valid_cols):
-    """Gradient of sum(grad_logprob * logprob + grad_entropy * entropy) w.r.t. this logits block."""
-    grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+def _logprob_entropy_backward_into(grad, logits, target, lse, entropy, grad_logprob, grad_entropy,
+                                   inv_temperature, vocab_start, valid_cols):
+    """Writes the gradient into grad (may be logits: each row chunk is read before it is
+    overwritten)."""
+    grad[:, valid_cols:] = 0
     if valid_cols == 0:
-        return grad
+        return
     for start, end in _row_chunks(logits):
         lp = _valid_z(logits, start, end, inv_temperature, valid_cols) - lse[start:end, None]
         p = lp.exp()
@@ -70,7 +71,18 @@ def logprob_entropy_backward(logits, target, lse, entropy, grad_logprob, grad_en
         g.scatter_add_(1, torch.where(here, col, 0).unsqueeze(-1),
                        torch.where(here, grad_logprob[start:end], 0.0).unsqueeze(-1))
         grad[start:end, :valid_cols] = (g * inv_temperature).to(logits.dtype)
+
+
+def logprob_entropy_backward(logits, *args):
+    """Gradient of sum(grad_logprob * logprob + grad_entropy * entropy) w.r.t. this logits block."""
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    _logprob_entropy_backward_into(grad, logits, *args)
     return grad
+
+
+def logprob_entropy_backward_(logits, *args):
+    """logprob_entropy_backward written over the logits."""
+    _logprob_entropy_backward_into(logits, logits, *args)
 
 
 def covariance_partials(logits, delta, lse, entropy, inv_temperature, valid_cols):

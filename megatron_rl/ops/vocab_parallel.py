@@ -31,6 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the fallback test 
 _REFERENCE_OPS = SimpleNamespace(
     logprob_stats=reference.logprob_stats,
     logprob_entropy_backward=reference.logprob_entropy_backward,
+    logprob_entropy_backward_=reference.logprob_entropy_backward_,
     covariance_partials=reference.covariance_partials,
 )
 
@@ -105,27 +106,43 @@ def _as_rows(logits):
     return logits.reshape(-1, logits.shape[-1])
 
 
+def logprob_entropy_grad_(logits, target, lse, entropy, grad_logprob, grad_entropy, shard):
+    """Writes d(grad_logprob . logprob + grad_entropy . entropy)/d(logits) over `logits`
+    (detached) and returns it. The version bump makes autograd refuse any later use of the old
+    values it saved (a second backward, another function that saved these logits)."""
+    logits = logits.detach()
+    phase_ops(logits.device).logprob_entropy_backward_(logits, target, lse, entropy, grad_logprob,
+                                                        grad_entropy, *shard)
+    torch.autograd.graph.increment_version(logits)
+    return logits
+
+
 class _VocabParallelLogprobsEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, inv_temperature, vocab_start, valid_cols, group):
+    def forward(ctx, logits, target, inv_temperature, vocab_start, valid_cols, group,
+                inplace_backward):
         ops = phase_ops(logits.device)
         stats = ops.logprob_stats(logits, target, inv_temperature, vocab_start, valid_cols)
         lse, entropy, target_z = global_softmax_moments(stats, group)
         ctx.save_for_backward(logits, target, lse, entropy)
         ctx.shard = (inv_temperature, vocab_start, valid_cols)
+        ctx.inplace_backward = inplace_backward
         return target_z - lse, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         logits, target, lse, entropy = ctx.saved_tensors
-        grad = phase_ops(logits.device).logprob_entropy_backward(
-            logits, target, lse, entropy, grad_logprobs.to(lse.dtype).contiguous(),
-            grad_entropy.to(lse.dtype).contiguous(), *ctx.shard)
-        return grad, None, None, None, None, None
+        grads = (grad_logprobs.to(lse.dtype).contiguous(), grad_entropy.to(lse.dtype).contiguous())
+        if ctx.inplace_backward:
+            grad = logprob_entropy_grad_(logits, target, lse, entropy, *grads, ctx.shard)
+        else:
+            grad = phase_ops(logits.device).logprob_entropy_backward(
+                logits, target, lse, entropy, *grads, *ctx.shard)
+        return grad, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs_entropy(logits, target, temperature=1.0, group=None, *,
-                                    vocab_size=None):
+                                    vocab_size=None, inplace_backward=False):
     """Log-prob of `target` and entropy of softmax(logits / temperature) over the sharded
     vocabulary.
 
@@ -135,14 +152,24 @@ def vocab_parallel_logprobs_entropy(logits, target, temperature=1.0, group=None,
     log-prob is -lse: mask them in the loss). vocab_size: number of real vocabulary columns when
     the vocabulary is padded; padding columns are excluded. Returns float32 (float64 for float64
     logits) log-probs and entropies of shape [...], differentiable w.r.t. logits.
+
+    inplace_backward: the backward writes the logits' gradient over the logits themselves (as
+    megatron's vocab_parallel_cross_entropy does) instead of allocating a [tokens, V_local] tensor,
+    for callers whose logits are dead after the backward (an output layer needs only their
+    gradient). The gradient is bitwise the out-of-place one. Afterwards the logits hold the
+    gradient: autograd raises if anything that saved them runs its backward later, or if this
+    backward runs twice; a leaf tensor (which the caller keeps) is refused.
     """
     if target.shape != logits.shape[:-1]:
         raise ValueError(f"target {tuple(target.shape)} vs logits {tuple(logits.shape)}")
+    if inplace_backward and logits.is_leaf and logits.requires_grad:
+        raise ValueError("inplace_backward=True would overwrite a leaf tensor's values with its "
+                         "gradient: pass logits computed by an op (or inplace_backward=False)")
     vocab_start, valid_cols = shard_columns(logits.shape[-1], group, vocab_size)
     logprobs, entropy = _VocabParallelLogprobsEntropy.apply(
         _as_rows(logits),
         target.reshape(-1).to(device=logits.device, dtype=torch.long).contiguous(),
-        1.0 / temperature, vocab_start, valid_cols, group)
+        1.0 / temperature, vocab_start, valid_cols, group, inplace_backward)
     return logprobs.view(target.shape), entropy.view(target.shape)
 
 

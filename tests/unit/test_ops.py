@@ -196,6 +196,98 @@ def test_output_layer_gradcheck(backend):
         (hidden, weight), eps=1e-6, atol=1e-7)
 
 
+def inplace_and_out_of_place_grads(logits, target, temperature, vocab_size=None, beside=None):
+    """(out-of-place gradient, in-place gradient, the logits it overwrote, their base) for the
+    same values. The in-place op gets a non-leaf view of a base tensor, and `beside` [..., k]
+    columns after the logits in that base make its rows strided (a column slice)."""
+    g = torch.Generator().manual_seed(11)
+    grad_lp, grad_h = torch.randn(target.shape, generator=g), torch.randn(target.shape, generator=g)
+
+    def backward(lp, h):
+        (grad_lp.to(lp.dtype) * lp + grad_h.to(h.dtype) * h).sum().backward()
+
+    x = logits.clone().requires_grad_(True)
+    backward(*vocab_parallel_logprobs_entropy(x, target, temperature, vocab_size=vocab_size))
+    wide = logits if beside is None else torch.cat([logits, beside], dim=-1)
+    base = wide.clone().requires_grad_(True)
+    y = base[..., :logits.shape[-1]]
+    seen = []
+    y.register_hook(seen.append)
+    backward(*vocab_parallel_logprobs_entropy(y, target, temperature, vocab_size=vocab_size,
+                                              inplace_backward=True))
+    (grad,) = seen
+    return x.grad, grad, y, base
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("temperature,vocab_size", [(1.0, None), (0.7, 1000)])
+def test_inplace_backward_equals_out_of_place_bitwise(backend, dtype, temperature, vocab_size):
+    """The gradient written over the logits has the out-of-place gradient's bits, and it is the
+    logits' own storage (nothing [tokens, V] allocated)."""
+    logits = make_logits((3, 5, 1003), dtype, seed=12)  # odd vocabulary: SIMD tails
+    target = torch.randint(0, 1003, (3, 5), generator=torch.Generator().manual_seed(13))
+    target[0, 0] = 1002  # a padding column when vocab_size=1000: no target logit
+    want, grad, overwritten, _ = inplace_and_out_of_place_grads(logits, target, temperature,
+                                                                vocab_size)
+    assert grad.dtype == dtype and torch.equal(grad, want)
+    assert grad.data_ptr() == overwritten.data_ptr()
+    assert torch.equal(overwritten.detach(), want)  # the logits now hold their gradient
+
+
+def test_inplace_backward_on_strided_rows(backend):
+    # Rows further apart than their width: the gradient lands in the slice, the rest is intact.
+    logits = make_logits((7, 257), torch.float32, seed=14)
+    beside = torch.randn(7, 43)
+    target = torch.randint(0, 257, (7,), generator=torch.Generator().manual_seed(15))
+    want, grad, overwritten, base = inplace_and_out_of_place_grads(logits, target, 1.3,
+                                                                   beside=beside)
+    assert torch.equal(grad, want) and grad.data_ptr() == overwritten.data_ptr()
+    assert torch.equal(base.detach()[:, 257:], beside)
+
+
+def test_reuse_of_overwritten_logits_is_caught(backend):
+    logits = make_logits((4, 64), torch.float32, seed=16, masked_fraction=0.0)
+    target = torch.tensor([1, 2, 3, 4])
+
+    def fresh():
+        return logits.clone().requires_grad_(True)
+
+    # A leaf is the caller's own tensor: never overwritten.
+    with pytest.raises(ValueError, match="leaf"):
+        vocab_parallel_logprobs_entropy(fresh(), target, inplace_backward=True)
+    # This backward twice: its saved logits were overwritten by the first.
+    base = fresh()
+    lp, _ = vocab_parallel_logprobs_entropy(base * 1, target, inplace_backward=True)
+    lp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        lp.sum().backward()
+    # Another function saved the same logits and runs its backward after this one (autograd
+    # runs later-created nodes first): it would read the gradient, and autograd refuses.
+    base = fresh()
+    x = base * 1
+    square = (x * x).sum()
+    lp, _ = vocab_parallel_logprobs_entropy(x, target, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (square + lp.sum()).backward()
+    # ... and when that function runs first it read the logits intact: the gradient is right.
+    ref = fresh()
+    ref_lp, _ = vocab_parallel_logprobs_entropy(ref, target)
+    (ref_lp.sum() + (ref * ref).sum()).backward()
+    base = fresh()
+    x = base * 1
+    lp, _ = vocab_parallel_logprobs_entropy(x, target, inplace_backward=True)
+    (lp.sum() + (x * x).sum()).backward()
+    torch.testing.assert_close(base.grad, ref.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_inplace_op_rejects_overlapping_rows():
+    logits = torch.randn(1, 16).expand(4, 16)  # four rows on one row of memory
+    stats = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="overlapping rows"):
+        torch.ops.megatron_rl.logprob_entropy_backward_(logits, torch.zeros(4, dtype=torch.long),
+                                                         stats, stats, stats, stats, 1.0, 0, 16)
+
+
 def test_bad_arguments_are_rejected():
     logits = torch.randn(3, 10)
     with pytest.raises(ValueError):
