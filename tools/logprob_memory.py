@@ -29,6 +29,10 @@ from megatron_rl.console import silence_third_party_warnings  # noqa: E402
 
 silence_third_party_warnings()
 MIB = 1 << 20
+# child processes: the logits path with a separate logits gradient, the logits path as the trainer
+# runs it (gradient written over the logits), the chunked path
+PATHS = ("copy", "off", "on")
+LABELS = {"copy": "logits, gradient copy", "off": "logits", "on": "chunked"}
 
 
 def config(args, chunked):
@@ -69,6 +73,12 @@ def child(args):
     from megatron_rl.training.optimizer import build_optimizer, wrap_ddp
     from megatron_rl.training.rl_batch import MicroBatch
 
+    if args.child == "copy":  # the logits path with its gradient in a new tensor (the op's
+        from megatron_rl.training import actor  # inplace_backward off), for comparison
+
+        op = actor.vocab_parallel_logprobs_entropy
+        actor.vocab_parallel_logprobs_entropy = (
+            lambda *a, inplace_backward=False, **k: op(*a, inplace_backward=False, **k))
     cfg = config(args, args.child == "on")
     chunked = logprob_chunking_choice(cfg)
     state.initialize(cfg.parallel)
@@ -130,7 +140,7 @@ def main():
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--child", choices=("on", "off"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -144,7 +154,7 @@ def main():
              f"--micro={args.micro}", f"--seq={args.seq}"]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for path in ("off", "on"):
+        for path in PATHS:
             out = os.path.join(tmp, path)
             subprocess.run([sys.executable, os.path.abspath(__file__), *shape, "--child", path,
                             "--out", out], check=True)
@@ -159,15 +169,22 @@ def main():
           f"{torch.get_num_threads()} threads")
     print("peak RSS above the RSS before the phase, MiB: the old-log-probs forward; the second "
           "update's forward + backward, then its optimizer step")
-    print(f"{'path':<8}{'forward':>10}{'fwd+bwd':>10}{'opt step':>10}{'update s':>10}"
+    print(f"{'path':<22}{'forward':>10}{'fwd+bwd':>10}{'opt step':>10}{'update s':>10}"
           f"{'planned logits':>16}")
-    for path in ("off", "on"):
+    for path in PATHS:
         r = results[path]
+        assert r["chunked"] == (path == "on")
         plan = plan_memory(config(args, path == "on"), 80, distributed_optimizer=False,
                            colocated_rollout=False, runtime_overhead_gib=0)
-        print(f"{'chunked' if r['chunked'] else 'logits':<8}{r['forward_peak'] / MIB:>10.0f}"
+        planned = f"{plan.item('logits').bytes / MIB:>16.0f}" if path != "copy" else ""
+        print(f"{LABELS[path]:<22}{r['forward_peak'] / MIB:>10.0f}"
               f"{r['fwd_bwd_peak'] / MIB:>10.0f}{r['step_peak'] / MIB:>10.0f}"
-              f"{r['update_s']:>10.2f}{plan.item('logits').bytes / MIB:>16.0f}")
+              f"{r['update_s']:>10.2f}{planned}")
+    copy = results["copy"]
+    print(f"logits path, gradient written over the logits / in a new tensor: forward + backward "
+          f"peak {off['fwd_bwd_peak'] / copy['fwd_bwd_peak']:.2f} (saved "
+          f"{(copy['fwd_bwd_peak'] - off['fwd_bwd_peak']) / MIB:.0f} MiB), grad norm "
+          f"{off['grad_norm']:.6f} vs {copy['grad_norm']:.6f}")
     print(f"chunked / logits peak: forward {on['forward_peak'] / off['forward_peak']:.2f}, "
           f"forward + backward {on['fwd_bwd_peak'] / off['fwd_bwd_peak']:.2f} (saved "
           f"{(off['fwd_bwd_peak'] - on['fwd_bwd_peak']) / MIB:.0f} MiB; planned "

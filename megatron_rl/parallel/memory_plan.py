@@ -33,11 +33,12 @@ Assumptions (docs/memory_plan.md repeats them next to the numbers):
   micro-batches in flight on a stage; without PP it is one. The last stage adds the final norm's
   input and output.
 - Logits and entropy (last stage): without the chunked extension the output layer writes
-  [b*s, V/TP] logits in params_dtype, which the vocab-parallel op saves for its backward; the
-  backward holds their gradient and the transposed copy megatron's matmul makes (3 copies in all),
-  plus the op's fp32 temporaries (2 x 2^24 elements, megatron_rl.ops.reference). With the chunked
-  extension (megatron_rl.ops.fused_output) only one [token_chunk, vocab_chunk] fp32 block and its
-  gradient live, plus fp32 accumulators for grad_weight [V/TP, h] and grad_hidden [b*s, h].
+  [s*b, V/TP] logits in params_dtype, which the vocab-parallel op saves for its backward and then
+  overwrites with their gradient (inplace_backward), which the output layer's backward reads in
+  that layout (no transposed copy: training.actor.OutputLayerLogprobs): one copy in all, plus the
+  PyTorch fallback's fp32 temporaries (2 x 2^24 elements, megatron_rl.ops.reference). With the
+  chunked extension (megatron_rl.ops.fused_output) only one [token_chunk, vocab_chunk] fp32 block
+  and its gradient live, plus fp32 accumulators for grad_weight [V/TP, h] and grad_hidden [b*s, h].
   Which one the trainer runs is training.logprob_chunking, "auto" resolved by
   logprob_chunking_choice; plan_memory plans that path unless told otherwise.
 - Colocated SGLang: during rollout the trainer keeps weights, gradient buffer and optimizer state
@@ -56,7 +57,7 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Elements per chunk of the PyTorch vocab-parallel phase ops (megatron_rl.ops.reference).
 _OP_CHUNK_ELEMENTS = 1 << 24
 # Copies of the [tokens, V/TP] logits alive at the peak without the chunked extension (see above).
-_UNCHUNKED_LOGITS_COPIES = 3
+_UNCHUNKED_LOGITS_COPIES = 1
 # Block of megatron_rl.ops.output_layer_logprobs_entropy (its token_chunk / vocab_chunk defaults).
 TOKEN_CHUNK, VOCAB_CHUNK = 1024, 16384
 
@@ -250,16 +251,16 @@ def logprob_chunking_choice(cfg, token_chunk: int = TOKEN_CHUNK,
                             vocab_chunk: int = VOCAB_CHUNK) -> bool:
     """Whether the trainer computes log-probs from hidden states in [token_chunk, vocab_chunk]
     blocks (megatron_rl.ops.output_layer_logprobs_entropy): training.logprob_chunking, with
-    "auto" on when one micro-batch's logits [micro_batch_size x seq_length / CP, V/TP] are larger
-    than one block. Below that the chunked path computes the same logits in one block and only
-    adds the backward's recomputation of them. The trainer and plan_memory both decide here."""
+    "auto" on when that at least halves the planned `logits` item. The chunked path recomputes
+    the output layer's matmul in its backward and keeps fp32 grad_weight / grad_hidden
+    accumulators, while the logits path holds one logits copy (the gradient overwrites it), so
+    it pays only where the logits dwarf the accumulators (many tokens per micro-batch against
+    the hidden size). The trainer and plan_memory both decide here."""
     choice = cfg.training.logprob_chunking
     if choice != "auto":
         return bool(choice)
-    m, p, t = cfg.model, cfg.parallel, cfg.training
-    tp = p.tensor_model_parallel_size
-    tokens = t.micro_batch_size * t.seq_length // p.context_parallel_size
-    return tokens * (m.padded_vocab_size(tp) // tp) > token_chunk * vocab_chunk
+    return (_logits_item(cfg, False, token_chunk, vocab_chunk).bytes
+            > 2 * _logits_item(cfg, True, token_chunk, vocab_chunk).bytes)
 
 
 def _logits_item(cfg, chunked: bool, token_chunk: int, vocab_chunk: int) -> MemoryItem:

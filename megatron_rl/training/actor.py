@@ -3,9 +3,10 @@ and the frozen reference policy of the KL term) and the PPO-family update, throu
 schedules on any TP/PP/DP layout.
 
 Log-probs and entropies come from the vocab-parallel op (megatron_rl.ops) on the output layer's
-logits shard, so [tokens, vocab] probabilities are never gathered; with `chunked` (the trainer's
-training.logprob_chunking) the model stops at its last hidden states and
-output_layer_logprobs_entropy applies the output layer one logits block at a time, so the
+logits shard (OutputLayerLogprobs, the model's output_processor), so [tokens, vocab]
+probabilities are never gathered, and the update's backward writes the logits' gradient over the
+logits; with `chunked` (the trainer's training.logprob_chunking) output_layer_logprobs_entropy
+applies the output layer one logits block at a time (HiddenStateLogprobs), so the
 [tokens, vocab / TP] logits never exist either. Losses are normalised by the
 mini-batch's global token / sequence counts and scaled back for megatron's averaging, so the
 update is the same whatever the micro-batch size and DP size (docs/algorithms.md).
@@ -22,12 +23,29 @@ from megatron_rl.training.rl_batch import MicroBatch
 from megatron_rl.training.step import all_finite, forward_backward, forward_only, optimizer_step
 
 
-def token_logprobs(batch: MicroBatch, logits: torch.Tensor, temperature: float, vocab_size: int):
-    from megatron.core import parallel_state as mpu
+class OutputLayerLogprobs:
+    """megatron GPTModel's `output_processor` hook: on the last pipeline stage the model returns
+    (log-probs, entropies) [b, s] of the micro-batch's targets (its output_processor_context),
+    from the output layer's [s, b, V/TP] logits shard by the vocab-parallel op. Unlike the
+    model's own logits output this skips megatron's [s, b] -> [b, s] transposed copy of the
+    logits, and with it the copy its output layer's backward makes of the transposed gradient.
 
-    return vocab_parallel_logprobs_entropy(logits, batch.targets, temperature,
-                                           group=mpu.get_tensor_model_parallel_group(),
-                                           vocab_size=vocab_size)
+    inplace_backward: the logits' gradient overwrites the logits (the update's case: nothing but
+    the op reads them, and the output layer's backward needs only their gradient)."""
+
+    def __init__(self, temperature: float, vocab_size: int, inplace_backward: bool = False):
+        self.temperature, self.vocab_size = temperature, vocab_size
+        self.inplace_backward = inplace_backward
+
+    def __call__(self, *, hidden_states, output_layer, output_weight, context, scale_logits, **_):
+        from megatron.core import parallel_state as mpu
+
+        logits, _ = output_layer(hidden_states, weight=output_weight)
+        logprobs, entropy = vocab_parallel_logprobs_entropy(
+            scale_logits(logits), context.targets.t(), self.temperature,
+            group=mpu.get_tensor_model_parallel_group(), vocab_size=self.vocab_size,
+            inplace_backward=self.inplace_backward)
+        return logprobs.t().contiguous(), entropy.t().contiguous()
 
 
 class HiddenStateLogprobs:
@@ -62,11 +80,13 @@ class HiddenStateLogprobs:
         return logprobs.t().contiguous(), entropy.t().contiguous()
 
 
-def _output_path(temperature: float, vocab_size: int, chunked: bool):
-    """(output_processor, fn(batch, output) -> (log-probs, entropies)) of the chosen path."""
+def _output_processor(temperature: float, vocab_size: int, chunked: bool,
+                      inplace_backward: bool = False):
+    """The model's output_processor: (log-probs, entropies) [b, s] from the logits shard, or
+    (chunked) from the hidden states in blocks."""
     if chunked:
-        return HiddenStateLogprobs(temperature, vocab_size), lambda batch, output: output
-    return None, lambda batch, logits: token_logprobs(batch, logits, temperature, vocab_size)
+        return HiddenStateLogprobs(temperature, vocab_size)
+    return OutputLayerLogprobs(temperature, vocab_size, inplace_backward)
 
 
 def compute_logprobs(model, micro_batches: List[MicroBatch], temperature: float,
@@ -74,10 +94,8 @@ def compute_logprobs(model, micro_batches: List[MicroBatch], temperature: float,
     """Per-token log-probs of each micro-batch's targets [b, s] on the last pipeline stage
     (None on the other stages). chunked: from the hidden states in blocks (HiddenStateLogprobs),
     never materialising the logits."""
-    processor, logprobs_entropy = _output_path(temperature, vocab_size, chunked)
-    return forward_only(model, micro_batches,
-                        lambda batch, output: logprobs_entropy(batch, output)[0],
-                        output_processor=processor)
+    return forward_only(model, micro_batches, lambda batch, output: output[0],
+                        output_processor=_output_processor(temperature, vocab_size, chunked))
 
 
 def build_reference_model(policy, model_cfg, parallel_cfg):
@@ -175,10 +193,8 @@ def train_mini_batch(model, optimizer, micro_batches: List[MicroBatch], cfg: Alg
     # the losses here are already shares of the global mean, so undo both.
     scale = dp_size * len(micro_batches)
 
-    processor, logprobs_entropy = _output_path(temperature, vocab_size, chunked)
-
     def loss_fn(batch, output):
-        logprobs, entropy = logprobs_entropy(batch, output)
+        logprobs, entropy = output
         loss, step_stats = policy_loss(
             logprobs, batch.old_logprobs, batch.advantages, batch.loss_mask, cfg,
             selected=batch.selected, entropy=entropy, ref_logprobs=batch.ref_logprobs,
@@ -191,7 +207,9 @@ def train_mini_batch(model, optimizer, micro_batches: List[MicroBatch], cfg: Alg
         mb.selected = sel
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    forward_backward([model], micro_batches, loss_fn, output_processor=processor)
+    forward_backward([model], micro_batches, loss_fn,
+                     output_processor=_output_processor(temperature, vocab_size, chunked,
+                                                        inplace_backward=True))
     update_ok, grad_norm = optimizer_step([model], optimizer)
     if not last_stage:
         return {"nonfinite_skipped": float(not update_ok)}

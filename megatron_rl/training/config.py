@@ -36,8 +36,9 @@ class TrainingConfig:
     # straight from the last hidden states, one [1024, 16384] logits block at a time
     # (megatron_rl.ops.output_layer_logprobs_entropy), instead of [tokens, vocab / TP] logits.
     # "auto": the memory planner's choice (parallel/memory_plan.py logprob_chunking_choice): on
-    # when one micro-batch's logits (micro_batch_size x seq_length x vocab / TP) hold more than
-    # one such block. The same numbers within float round-off (docs/ops.md).
+    # when it at least halves the planned memory of the logits (which the logits path holds
+    # once: their gradient overwrites them). The same numbers within float round-off
+    # (docs/ops.md).
     logprob_chunking: Union[bool, Literal["auto"]] = "auto"
     mini_batches: int = 1  # optimizer steps per rollout step (per PPO epoch)
     ppo_epochs: int = 1

@@ -186,3 +186,42 @@ def test_chunked_actor_matches_the_logits_path(two_policies, blocks, monkeypatch
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
     for want, got in zip(logits_path["weights"], chunked_path["weights"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("two_policies", [["model.tie_word_embeddings=false"],
+                                          []], indirect=True, ids=["untied", "tied"])
+def test_update_overwrites_the_logits_with_their_gradient(two_policies, monkeypatch):
+    """train_mini_batch's backward writes the logits' gradient over the model's logits (the op's
+    inplace_backward; the old-log-probs forward has no backward) and the update is bit for bit
+    the one with a separate gradient tensor (metrics, updated weights)."""
+    cfg = AlgorithmConfig(loss_mode="ppo_clip", entropy_coef=0.01, kl_ref_coef=0.0)
+    original = actor.vocab_parallel_logprobs_entropy
+    calls = []
+
+    def spying(logits, *args, inplace_backward=False, force_inplace=None, **kwargs):
+        inplace = inplace_backward if force_inplace is None else force_inplace
+        if logits.requires_grad:  # the update's forward: record where the gradient lands
+            record = dict(inplace=inplace_backward, logits=logits.data_ptr())
+            logits.register_hook(lambda grad: record.update(grad=grad.data_ptr()))
+            calls.append(record)
+        return original(logits, *args, inplace_backward=inplace, **kwargs)
+
+    runs = []
+    for (model, optimizer), inplace in zip(two_policies, (True, False)):
+        monkeypatch.setattr(actor, "vocab_parallel_logprobs_entropy",
+                            functools.partial(spying, force_inplace=None if inplace else False))
+        calls.clear()
+        minis = mini_batches()
+        for mini in minis:
+            for mb, lp in zip(mini, actor.compute_logprobs(model, mini, 0.9, VOCAB)):
+                mb.old_logprobs = lp
+        metrics = [actor.train_mini_batch(model, optimizer, mini, cfg, 0.9, VOCAB, seed=index)
+                   for index, mini in enumerate(minis)]
+        assert len(calls) == 4 and all(c["inplace"] for c in calls)  # the actor asks for it
+        assert all((c["grad"] == c["logits"]) == inplace for c in calls)
+        runs.append(dict(metrics=metrics,
+                         weights=[p.detach().clone() for p in model.parameters()]))
+    inplace_run, separate_run = runs
+    assert all(m["update_ok"] == 1.0 for m in inplace_run["metrics"])
+    assert inplace_run["metrics"] == separate_run["metrics"]
+    assert all(torch.equal(a, b) for a, b in zip(inplace_run["weights"], separate_run["weights"]))
