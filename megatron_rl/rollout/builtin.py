@@ -304,19 +304,23 @@ class BuiltinEngine:
         return model(tokens, positions, mask, inference_context=context)
 
     @staticmethod
-    def _rotated_cache(model, context, prompt_width, total, freqs):
+    def _rotated_cache(model, context, prompt_width, total, freqs, prompt_rows=None):
         """Per layer of this stage, (keys, values) [b, groups, total, head dim] holding the
-        prompt pass's keys (rotated here: megatron caches them unrotated) and values."""
+        prompt pass's keys (rotated here: megatron caches them unrotated) and values; row i
+        those of the prompt pass's row prompt_rows[i] (None: row i)."""
         cache = []
         for layer in model.decoder.layers:
             attn = layer.self_attention
             keys, values = context.key_value_memory_dict[layer.layer_number]
-            keys = _rope(attn, keys[:prompt_width], freqs[:prompt_width])
-            b, groups, dim = keys.shape[1], keys.shape[2], keys.shape[3]
+            keys = _rope(attn, keys[:prompt_width], freqs[:prompt_width]).permute(1, 2, 0, 3)
+            values = values[:prompt_width].permute(1, 2, 0, 3)
+            if prompt_rows is not None:
+                keys, values = keys[prompt_rows], values[prompt_rows]
+            b, groups, dim = keys.shape[0], keys.shape[1], keys.shape[3]
             k = keys.new_zeros(b, groups, total, dim)
             v = values.new_zeros(b, groups, total, values.shape[3])
-            k[:, :, :prompt_width] = keys.permute(1, 2, 0, 3)
-            v[:, :, :prompt_width] = values[:prompt_width].permute(1, 2, 0, 3)
+            k[:, :, :prompt_width] = keys
+            v[:, :, :prompt_width] = values
             cache.append((k, v))
         return cache
 
@@ -460,15 +464,31 @@ class BuiltinEngine:
         was_training = model.training
         model.eval()
         start = int(prompt_end.min())
+        # On CPU a prompt's n samples share one prompt pass, over the prompts padded (with the
+        # first one) to a multiple of COMPACT_ROWS rows, when the batch is a multiple of it
+        # too: then both passes multiply [width x rows, hidden] matrices whose rows come out
+        # with the same bits (see COMPACT_ROWS), and so do the per-sequence attention matmuls.
+        # `prefill_rows`: the batch's rows the pass runs; row i's cache and first logits are
+        # those of the pass's row i // n.
+        prefill_rows, shared = slice(None), None
+        padded = -(-len(prompts) // COMPACT_ROWS) * COMPACT_ROWS
+        if device.type == "cpu" and batch % COMPACT_ROWS == 0 and padded < batch:
+            prefill_rows = torch.tensor([p * params.n for p in range(len(prompts))]
+                                        + [0] * (padded - len(prompts)), device=device)
+            shared = torch.arange(batch, device=device) // params.n
+        prefill_batch = batch if shared is None else padded
         try:
-            context = StaticInferenceContext(batch, start)
+            context = StaticInferenceContext(prefill_batch, start)
             mask = None if hidden is None else (
-                hidden[:, None, None, :start] | torch.ones(start, start, dtype=torch.bool,
-                                                           device=device).triu(1))
+                hidden[prefill_rows, None, None, :start]
+                | torch.ones(start, start, dtype=torch.bool, device=device).triu(1))
             logits = self._pipeline(model, lambda h: self._prefill_stage(
-                model, h, tokens[:, :start], positions[:, :start], mask, context), batch, start)
+                model, h, tokens[prefill_rows, :start], positions[prefill_rows, :start], mask,
+                context), prefill_batch, start)
+            if logits is not None and shared is not None:
+                logits = logits[shared]
             freqs = model.rotary_pos_emb(total)
-            cache = self._rotated_cache(model, context, start, total, freqs)
+            cache = self._rotated_cache(model, context, start, total, freqs, shared)
             direct = _direct_stage(model, freqs) if self._direct else None
             # frees the prefill KV cache (not `del`: the prefill lambda above names it)
             context = None

@@ -1,6 +1,7 @@
 """The built-in engine's tokens and log-probs equal a cache-free float64-checked recomputation
 with the same megatron model: greedy = argmax, log-probs = log_softmax(full forward)."""
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -219,3 +220,16 @@ def test_direct_decode_steps_have_the_module_steps_bits(model):
         MANY[:16], params) for direct in (True, False))
     assert [(s.output_ids, s.output_logprobs, s.finish_reason) for s in got] == \
         [(s.output_ids, s.output_logprobs, s.finish_reason) for s in want]
+
+
+@pytest.mark.parametrize("prompts", [3, 16])
+def test_a_prompts_samples_share_its_prompt_pass_with_the_bits_of_copies(model, prompts):
+    """n samples of a prompt (one prompt pass over the prompts, padded to 8 rows: 3 -> 8,
+    16) are token for token and bit for bit those of n copies of it (a pass over every row)."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, n=8,
+                            stop_token_ids=tuple(range(3, VOCAB, 8)))
+    shared = BuiltinEngine(model, vocab_size=VOCAB).generate(MANY[:prompts], params, seed=2)
+    copies = BuiltinEngine(model, vocab_size=VOCAB).generate(
+        [p for p in MANY[:prompts] for _ in range(8)], replace(params, n=1), seed=2)
+    assert [(s.output_ids, s.output_logprobs, s.finish_reason) for s in shared] == \
+        [(s.output_ids, s.output_logprobs, s.finish_reason) for s in copies]
