@@ -31,9 +31,10 @@ have finished, the cache keeps only the others (and enough finished ones to fill
 static batch decoded to the longest response, token for token: every step still draws the
 random numbers of the whole batch and each row uses its own (`sample_from`'s rows), and a
 row's logits do not depend on the rows beside it at these batch sizes (see COMPACT_ROWS). What
-it saves is the finished rows' share of a step, not the step's fixed cost: 1.27x tokens/s on the
+it saves is the finished rows' share of a step, not the step's fixed cost: 1.43x tokens/s on the
 main job's model with random weights (responses of 18 tokens on average, 34 at most), 1.03x
-after its warm start (30 of 34), docs/rollout.md.
+after its warm start (30 of 34), docs/rollout.md. On CPU a prompt's n samples also share one
+prompt pass (generate).
 
 Tensor parallel: logits come out split over the vocabulary; they are gathered on every TP rank
 and every rank samples with the same seeded generator, so all ranks agree on the tokens.
