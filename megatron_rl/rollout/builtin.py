@@ -19,7 +19,11 @@ projection with its split and q/k norms, megatron's RoPE, output projection, MLP
 so tensor parallelism stays theirs -- and only the attention over the cache is written here, on
 a cache of rotated keys laid out [batch, group, position, head dim] so each group's queries
 attend to its keys with one batched matmul. The prompt pass is GPTModel.forward with megatron's
-StaticInferenceContext; its keys are rotated once into that cache.
+StaticInferenceContext; its keys are rotated once into that cache. With megatron's local layer
+spec (every CPU run), `_decode_direct` does the same operations on the modules' own tensors
+(weights, norm parameters, RoPE's cos/sin once per call) instead of calling the modules and their
+autograd Functions, which cost more than the matmuls at small batches; the logits are the same
+to the bit. Other modules (TransformerEngine's) run through `_decode_stage`.
 
 On CPU, finished sequences leave the decode batch: once a multiple of COMPACT_ROWS (8) rows
 have finished, the cache keeps only the others (and enough finished ones to fill a multiple of
@@ -27,9 +31,10 @@ have finished, the cache keeps only the others (and enough finished ones to fill
 static batch decoded to the longest response, token for token: every step still draws the
 random numbers of the whole batch and each row uses its own (`sample_from`'s rows), and a
 row's logits do not depend on the rows beside it at these batch sizes (see COMPACT_ROWS). What
-it saves is the finished rows' share of a step, not the step's fixed cost: 1.27x tokens/s on the
+it saves is the finished rows' share of a step, not the step's fixed cost: 1.43x tokens/s on the
 main job's model with random weights (responses of 18 tokens on average, 34 at most), 1.03x
-after its warm start (30 of 34), docs/rollout.md.
+after its warm start (30 of 34), docs/rollout.md. On CPU a prompt's n samples also share one
+prompt pass (generate).
 
 Tensor parallel: logits come out split over the vocabulary; they are gathered on every TP rank
 and every rank samples with the same seeded generator, so all ranks agree on the tokens.
@@ -37,9 +42,10 @@ Pipeline parallel: each step's hidden states go stage to stage (send/recv), the 
 samples, and it broadcasts the new tokens and their log-probs to the other stages.
 """
 import math
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from megatron_rl.models.unwrap import unwrap_model
 from megatron_rl.seeds import derive_seed
@@ -126,6 +132,114 @@ def _rope(attn, tensor: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
                                 cp_group=attn.pg_collection.cp)
 
 
+class _DirectLayer(NamedTuple):
+    """One transformer layer's tensors as `_decode_direct` reads them: a norm as torch.rms_norm's
+    (normalized_shape, weight, eps), a linear as its weight transposed (the view megatron
+    multiplies by)."""
+    input_norm: Tuple
+    qkv_weight: torch.Tensor
+    qkv_bias: Optional[torch.Tensor]
+    q_norm: Optional[Tuple]  # qwen3's per-head norms
+    k_norm: Optional[Tuple]
+    proj_weight: torch.Tensor
+    mlp_norm: Tuple
+    fc1_weight: torch.Tensor
+    fc2_weight: torch.Tensor
+
+
+class _DirectStage(NamedTuple):
+    """This pipeline stage's tensors for `_decode_direct`, read once per generate() (the
+    optimizer updates the weights in place between calls, so the views stay current)."""
+    layers: List[_DirectLayer]
+    final_norm: Optional[Tuple]  # the last stage's, else None
+    output_weight: Optional[torch.Tensor]
+    cos: torch.Tensor  # [position, head dim]: RoPE's cos, as megatron computes it per call
+    sin_signed: torch.Tensor  # its sin with the first half negated (see _rotate)
+    softmax_scale: float
+    glu_offset: float
+    tp_group: object  # the row-parallel linears' all-reduce group
+
+
+def _norm_args(norm) -> Optional[Tuple]:
+    """torch.rms_norm's arguments after the input for torch.nn.RMSNorm `norm` (its forward's
+    call), or None when `norm` is something else (TransformerEngine's, a LayerNorm)."""
+    if type(norm) is not torch.nn.RMSNorm:
+        return None
+    return norm.normalized_shape, norm.weight, norm.eps
+
+
+def _direct_stage(model, freqs: torch.Tensor) -> Optional[_DirectStage]:
+    """The tensors `_decode_direct` reads on this stage, or None where it would not compute what
+    megatron's modules do: modules other than the local spec's (TransformerEngine fuses norms
+    into linears), sequence parallelism, more TP ranks than key/value groups (megatron gathers
+    the QKV output), biases on the other linears, partial or interleaved RoPE, another MLP
+    activation. Then `_decode_stage` runs the modules."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    config = model.config
+    if (config.sequence_parallel or config.rotary_interleaved or config.multi_latent_attention
+            or not config.gated_linear_unit or config.activation_func is not F.silu
+            or config.bias_activation_fusion or config.use_te_activation_func
+            or config.activation_func_clamp_value is not None
+            or getattr(model, "position_embedding_type", None) != "rope"):
+        return None
+
+    def plain(linear, kind, bias=False):  # megatron's own linear on its whole weight shard
+        return (type(linear) is kind and getattr(linear, "gtp_remat_size", 1) == 1
+                and (bias or linear.bias is None))
+
+    layers = []
+    for layer in model.decoder.layers:
+        attn, mlp = layer.self_attention, layer.mlp
+        norms = [_norm_args(n) for n in (layer.input_layernorm, layer.pre_mlp_layernorm)]
+        qk_norms = [None if n is None else _norm_args(n)
+                    for n in (attn.q_layernorm, attn.k_layernorm)]
+        if (None in norms or (attn.q_layernorm is not None and None in qk_norms)
+                or (attn.q_layernorm is None) != (attn.k_layernorm is None)
+                or config.num_query_groups < attn.world_size
+                or freqs.shape[-1] != attn.hidden_size_per_attention_head
+                or not plain(attn.linear_qkv, ColumnParallelLinear, bias=True)
+                or not plain(attn.linear_proj, RowParallelLinear)
+                or not plain(mlp.linear_fc1, ColumnParallelLinear)
+                or not plain(mlp.linear_fc2, RowParallelLinear)):
+            return None
+        qkv = attn.linear_qkv
+        layers.append(_DirectLayer(
+            norms[0], qkv.weight.t(), None if qkv.skip_bias_add else qkv.bias, *qk_norms,
+            attn.linear_proj.weight.t(), norms[1], mlp.linear_fc1.weight.t(),
+            mlp.linear_fc2.weight.t()))
+    final_norm = output_weight = None
+    if model.post_process:
+        final_norm = _norm_args(model.decoder.final_layernorm)
+        # gather_output: megatron's GPTModel keeps the logits split (generate() gathers them)
+        if (final_norm is None or not plain(model.output_layer, ColumnParallelLinear)
+                or model.output_layer.gather_output):
+            return None
+        output_weight = (model.shared_embedding_or_output_weight()
+                         if model.share_embeddings_and_output_weights
+                         else model.output_layer.weight).t()
+    if not layers:  # a stage without layers has nothing to save
+        return None
+    attn = model.decoder.layers[0].self_attention
+    # megatron's _apply_rotary_pos_emb_bshd computes these from freqs[t] at every call
+    cos = (torch.cos(freqs) * attn._yarn_concentration_factor).to(config.params_dtype)
+    sin = (torch.sin(freqs) * attn._yarn_concentration_factor).to(config.params_dtype)
+    cos, sin = cos.flatten(1), sin.flatten(1)  # [position, 1, 1, dim] -> [position, dim]
+    half = sin.shape[1] // 2
+    return _DirectStage(
+        layers, final_norm, output_weight, cos, torch.cat([-sin[:, :half], sin[:, half:]], 1),
+        config.softmax_scale or 1.0 / math.sqrt(attn.hidden_size_per_attention_head),
+        config.glu_linear_offset, attn.linear_proj.tp_group)
+
+
+def _rotate(tensor: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """megatron's unfused RoPE, tensor * cos + cat(-second half, first half) * sin, with the sign
+    moved onto sin: (-x) * s and x * (-s) round alike, so the bits are the same and a negation
+    per call is saved."""
+    half = tensor.shape[-1] // 2
+    return tensor * cos + torch.cat((tensor[..., half:], tensor[..., :half]), -1) * sin_signed
+
+
 class BuiltinEngine:
     """RolloutEngine (rollout/types.py) on this rank's shard of the policy model.
 
@@ -136,7 +250,7 @@ class BuiltinEngine:
     weight_version: int  # RolloutEngine's: the trainer's completed steps
 
     def __init__(self, model, vocab_size: int, seed: int = 0, weight_version: int = 0,
-                 compact: bool = True):
+                 compact: bool = True, direct: bool = True):
         self.model = model
         self.vocab_size = vocab_size  # the tokenizer's; padded vocab columns are never sampled
         self.seed = seed  # generate()'s draws without a seed of their own derive from it
@@ -144,6 +258,9 @@ class BuiltinEngine:
         # False: decode the static batch to its longest response, finished sequences included
         # (the same samples, slower; for the tests and tools/bench_rollout.py)
         self._compact = compact
+        # False: decode steps through megatron's modules (`_decode_stage`), not their tensors
+        # directly (`_decode_direct`): the same logits, slower; for the tests
+        self._direct = direct
         self._decode_rows: List[int] = []  # the last generate()'s decode batch, step by step
         self._calls = 0
 
@@ -188,19 +305,23 @@ class BuiltinEngine:
         return model(tokens, positions, mask, inference_context=context)
 
     @staticmethod
-    def _rotated_cache(model, context, prompt_width, total, freqs):
+    def _rotated_cache(model, context, prompt_width, total, freqs, prompt_rows=None):
         """Per layer of this stage, (keys, values) [b, groups, total, head dim] holding the
-        prompt pass's keys (rotated here: megatron caches them unrotated) and values."""
+        prompt pass's keys (rotated here: megatron caches them unrotated) and values; row i
+        those of the prompt pass's row prompt_rows[i] (None: row i)."""
         cache = []
         for layer in model.decoder.layers:
             attn = layer.self_attention
             keys, values = context.key_value_memory_dict[layer.layer_number]
-            keys = _rope(attn, keys[:prompt_width], freqs[:prompt_width])
-            b, groups, dim = keys.shape[1], keys.shape[2], keys.shape[3]
+            keys = _rope(attn, keys[:prompt_width], freqs[:prompt_width]).permute(1, 2, 0, 3)
+            values = values[:prompt_width].permute(1, 2, 0, 3)
+            if prompt_rows is not None:
+                keys, values = keys[prompt_rows], values[prompt_rows]
+            b, groups, dim = keys.shape[0], keys.shape[1], keys.shape[3]
             k = keys.new_zeros(b, groups, total, dim)
             v = values.new_zeros(b, groups, total, values.shape[3])
-            k[:, :, :prompt_width] = keys.permute(1, 2, 0, 3)
-            v[:, :, :prompt_width] = values[:prompt_width].permute(1, 2, 0, 3)
+            k[:, :, :prompt_width] = keys
+            v[:, :, :prompt_width] = values
             cache.append((k, v))
         return cache
 
@@ -248,6 +369,57 @@ class BuiltinEngine:
         logits, _ = model.output_layer(hidden, weight=weight)
         return logits.transpose(0, 1)
 
+    @staticmethod
+    def _decode_direct(model, stage: _DirectStage, hidden, ids, t, cache, hidden_keys):
+        """`_decode_stage` with each module's tensors read directly (`stage`, from
+        `_direct_stage`) instead of through megatron's modules and autograd Functions, and RoPE
+        from tables: the same operations on the same tensors in the same order, so the same
+        logits to the bit (test_builtin_engine.py compares the two). What it saves is most of a
+        step's cost that does not depend on its rows (docs/rollout.md, session 4). Hidden states
+        are [b, h] here (megatron's [1, b, h] less the sequence dimension: its matmuls fold it
+        away too)."""
+        if hidden is None:
+            hidden = model.embedding(input_ids=ids[:, None], position_ids=None)
+        hidden = hidden[0]
+        batch = hidden.shape[0]
+        cos, sin = stage.cos[t], stage.sin_signed[t]
+        reduce = stage.tp_group is not None and stage.tp_group.size() > 1
+        for layer, (keys, values) in zip(stage.layers, cache):
+            dim = keys.shape[3]
+            qkv = torch.mm(torch.rms_norm(hidden, *layer.input_norm), layer.qkv_weight)
+            if layer.qkv_bias is not None:
+                qkv += layer.qkv_bias
+            # megatron's layout: per key/value group its queries, then its key, then its value
+            qkv = qkv.view(batch, keys.shape[1], -1, dim)
+            per_group = qkv.shape[2] - 2
+            if layer.q_norm is None:  # queries and key rotated together: RoPE is elementwise
+                rotated = _rotate(qkv[:, :, : per_group + 1], cos, sin)
+                query, key = rotated[:, :, :per_group], rotated[:, :, per_group]
+            else:
+                query = _rotate(torch.rms_norm(qkv[:, :, :per_group], *layer.q_norm), cos, sin)
+                key = _rotate(torch.rms_norm(qkv[:, :, per_group], *layer.k_norm), cos, sin)
+            keys[:, :, t] = key
+            values[:, :, t] = qkv[:, :, per_group + 1]
+            scores = torch.matmul(query, keys[:, :, : t + 1].transpose(-1, -2))
+            scores *= stage.softmax_scale
+            if hidden_keys is not None:
+                scores.masked_fill_(hidden_keys, float("-inf"))
+            context = torch.matmul(scores.softmax(-1), values[:, :, : t + 1])
+            out = torch.mm(context.view(batch, -1), layer.proj_weight)
+            if reduce:  # RowParallelLinear's
+                torch.distributed.all_reduce(out, group=stage.tp_group)
+            hidden = hidden + out
+            gate, linear = torch.chunk(
+                torch.mm(torch.rms_norm(hidden, *layer.mlp_norm), layer.fc1_weight), 2, dim=-1)
+            out = torch.mm(F.silu(gate) * (linear + stage.glu_offset), layer.fc2_weight)
+            if reduce:
+                torch.distributed.all_reduce(out, group=stage.tp_group)
+            hidden = hidden + out
+        if stage.output_weight is None:
+            return hidden[None]
+        logits = torch.mm(torch.rms_norm(hidden, *stage.final_norm), stage.output_weight)
+        return logits[:, None]
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seed: Optional[int] = None) -> List[Sample]:
@@ -293,15 +465,32 @@ class BuiltinEngine:
         was_training = model.training
         model.eval()
         start = int(prompt_end.min())
+        # On CPU a prompt's n samples share one prompt pass, over the prompts padded (with the
+        # first one) to a multiple of COMPACT_ROWS rows, when the batch is a multiple of it
+        # too: then both passes multiply [width x rows, hidden] matrices whose rows come out
+        # with the same bits (see COMPACT_ROWS), and so do the per-sequence attention matmuls.
+        # `prefill_rows`: the batch's rows the pass runs; row i's cache and first logits are
+        # those of the pass's row i // n.
+        prefill_rows, shared = slice(None), None
+        padded = -(-len(prompts) // COMPACT_ROWS) * COMPACT_ROWS
+        if device.type == "cpu" and batch % COMPACT_ROWS == 0 and padded < batch:
+            prefill_rows = torch.tensor([p * params.n for p in range(len(prompts))]
+                                        + [0] * (padded - len(prompts)), device=device)
+            shared = torch.arange(batch, device=device) // params.n
+        prefill_batch = batch if shared is None else padded
         try:
-            context = StaticInferenceContext(batch, start)
+            context = StaticInferenceContext(prefill_batch, start)
             mask = None if hidden is None else (
-                hidden[:, None, None, :start] | torch.ones(start, start, dtype=torch.bool,
-                                                           device=device).triu(1))
+                hidden[prefill_rows, None, None, :start]
+                | torch.ones(start, start, dtype=torch.bool, device=device).triu(1))
             logits = self._pipeline(model, lambda h: self._prefill_stage(
-                model, h, tokens[:, :start], positions[:, :start], mask, context), batch, start)
+                model, h, tokens[prefill_rows, :start], positions[prefill_rows, :start], mask,
+                context), prefill_batch, start)
+            if logits is not None and shared is not None:
+                logits = logits[shared]
             freqs = model.rotary_pos_emb(total)
-            cache = self._rotated_cache(model, context, start, total, freqs)
+            cache = self._rotated_cache(model, context, start, total, freqs, shared)
+            direct = _direct_stage(model, freqs) if self._direct else None
             # frees the prefill KV cache (not `del`: the prefill lambda above names it)
             context = None
             # The decode batch: the batch's rows `rows` (None: all), the cache's rows in order.
@@ -315,8 +504,12 @@ class BuiltinEngine:
                 if t > start:  # feed column t - 1, get the logits for column t
                     ids = tokens[:, t - 1] if rows is None else tokens[rows, t - 1]
                     keys_hidden = None if hidden is None else hidden_rows[:, None, None, :t]
-                    logits = self._pipeline(model, lambda h: self._decode_stage(
-                        model, h, ids, t - 1, cache, freqs, keys_hidden), count, 1)
+                    if direct is not None:
+                        logits = self._pipeline(model, lambda h: self._decode_direct(
+                            model, direct, h, ids, t - 1, cache, keys_hidden), count, 1)
+                    else:
+                        logits = self._pipeline(model, lambda h: self._decode_stage(
+                            model, h, ids, t - 1, cache, freqs, keys_hidden), count, 1)
                     self._decode_rows.append(count)
                 if logits is not None:  # the last pipeline stage samples
                     logits = gather_from_tensor_model_parallel_region(logits[:, -1].float())

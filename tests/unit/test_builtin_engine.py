@@ -1,6 +1,7 @@
 """The built-in engine's tokens and log-probs equal a cache-free float64-checked recomputation
 with the same megatron model: greedy = argmax, log-probs = log_softmax(full forward)."""
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -173,3 +174,62 @@ def test_sample_from_rows_uses_each_rows_draw_of_the_whole_batch(width):
     rows = torch.tensor([0, 3, 4, 9, 15])
     some = sample_from(probs[rows], torch.Generator().manual_seed(2), rows, 16)
     assert torch.equal(some, whole[rows])
+
+
+def test_direct_decode_steps_have_the_module_steps_bits(model):
+    """_decode_direct (the modules' tensors, read directly) gives the logits and cache entries of
+    _decode_stage (through megatron's modules) to the bit, with a padding mask, at a batch of 8
+    and of 32; and the engine's samples are the same either way."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron_rl.rollout.builtin import _direct_stage
+
+    model.eval()
+    for batch in (8, 32):
+        width, total = 5, 12
+        prompts = MANY[:batch]
+        pad = torch.tensor([width - len(p) for p in prompts])
+        tokens = torch.zeros(batch, width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, int(pad[i]):] = torch.tensor(p)
+        hidden = torch.arange(total)[None, :] < pad[:, None]
+        mask = hidden[:, None, None, :width] | torch.ones(width, width, dtype=torch.bool).triu(1)
+        positions = (torch.arange(width)[None, :] - pad[:, None]).clamp(min=0)
+        with torch.no_grad():
+            context = StaticInferenceContext(batch, width)
+            model(tokens, positions, mask, inference_context=context)
+            freqs = model.rotary_pos_emb(total)
+            stage = _direct_stage(model, freqs)
+            assert stage is not None  # megatron's local spec: the direct path runs
+            through_modules = BuiltinEngine._rotated_cache(model, context, width, total, freqs)
+            direct = [(k.clone(), v.clone()) for k, v in through_modules]
+            ids = tokens[:, -1]
+            for t in range(width, total):
+                keys_hidden = hidden[:, None, None, : t + 1]
+                want = BuiltinEngine._decode_stage(model, None, ids, t, through_modules, freqs,
+                                                   keys_hidden)
+                got = BuiltinEngine._decode_direct(model, stage, None, ids, t, direct,
+                                                   keys_hidden)
+                assert torch.equal(got, want), (batch, t)
+                ids = want[:, 0].argmax(-1)
+            assert all(torch.equal(a, b) for layer in zip(direct, through_modules)
+                       for a, b in zip(*layer))
+    model.train()
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, n=2,
+                            stop_token_ids=tuple(range(3, VOCAB, 8)))
+    got, want = (BuiltinEngine(model, vocab_size=VOCAB, seed=4, direct=direct).generate(
+        MANY[:16], params) for direct in (True, False))
+    assert [(s.output_ids, s.output_logprobs, s.finish_reason) for s in got] == \
+        [(s.output_ids, s.output_logprobs, s.finish_reason) for s in want]
+
+
+@pytest.mark.parametrize("prompts", [3, 16])
+def test_a_prompts_samples_share_its_prompt_pass_with_the_bits_of_copies(model, prompts):
+    """n samples of a prompt (one prompt pass over the prompts, padded to 8 rows: 3 -> 8,
+    16) are token for token and bit for bit those of n copies of it (a pass over every row)."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, n=8,
+                            stop_token_ids=tuple(range(3, VOCAB, 8)))
+    shared = BuiltinEngine(model, vocab_size=VOCAB).generate(MANY[:prompts], params, seed=2)
+    copies = BuiltinEngine(model, vocab_size=VOCAB).generate(
+        [p for p in MANY[:prompts] for _ in range(8)], replace(params, n=1), seed=2)
+    assert [(s.output_ids, s.output_logprobs, s.finish_reason) for s in shared] == \
+        [(s.output_ids, s.output_logprobs, s.finish_reason) for s in copies]
