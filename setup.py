@@ -35,6 +35,15 @@ def _extensions():
             "MEGATRON_RL_FORCE_CUDA=1 but torch is not a CUDA build or CUDA_HOME is unset "
             f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME})"
         )
+    if build_cuda and not os.path.isfile(os.path.join(cpp_extension.CUDA_HOME, "include",
+                                                      "cuda_runtime.h")):
+        # torch guesses CUDA_HOME from nvcc's folder: an nvcc in /usr/local/bin gives
+        # /usr/local, whose include/ lacks the toolkit's headers, and the build fails later
+        # inside a torch header with "cuda_runtime.h: No such file or directory".
+        raise RuntimeError(
+            f"CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime.h: set CUDA_HOME "
+            "to the CUDA toolkit's root (e.g. /usr/local/cuda), or MEGATRON_RL_SKIP_CUDA_BUILD=1"
+        )
 
     openmp = ["-fopenmp"]
     # torch >= 2.14 headers use C++20 (concepts, <=>); older ones build with C++17 as before.
