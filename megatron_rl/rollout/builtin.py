@@ -305,24 +305,27 @@ class BuiltinEngine:
         return model(tokens, positions, mask, inference_context=context)
 
     @staticmethod
-    def _rotated_cache(model, context, prompt_width, total, freqs, prompt_rows=None):
+    def _rotated_cache(model, context, prompt_width, total, freqs, prompts=None, samples=1):
         """Per layer of this stage, (keys, values) [b, groups, total, head dim] holding the
-        prompt pass's keys (rotated here: megatron caches them unrotated) and values; row i
-        those of the prompt pass's row prompt_rows[i] (None: row i)."""
+        prompt pass's keys (rotated here: megatron caches them unrotated) and values in columns
+        < prompt_width, and nothing set in the others (a decode step writes column t before it
+        reads it; zeroing them took ~2 ms of a call). Rows p * samples to (p + 1) * samples - 1
+        hold the pass's row p, of its first `prompts` rows (None: all)."""
         cache = []
         for layer in model.decoder.layers:
             attn = layer.self_attention
             keys, values = context.key_value_memory_dict[layer.layer_number]
             keys = _rope(attn, keys[:prompt_width], freqs[:prompt_width]).permute(1, 2, 0, 3)
             values = values[:prompt_width].permute(1, 2, 0, 3)
-            if prompt_rows is not None:
-                keys, values = keys[prompt_rows], values[prompt_rows]
-            b, groups, dim = keys.shape[0], keys.shape[1], keys.shape[3]
-            k = keys.new_zeros(b, groups, total, dim)
-            v = values.new_zeros(b, groups, total, values.shape[3])
-            k[:, :, :prompt_width] = keys
-            v[:, :, :prompt_width] = values
-            cache.append((k, v))
+            entries = []
+            for prompt in (keys[:prompts], values[:prompts]):
+                count, groups, _, dim = prompt.shape
+                entry = prompt.new_empty(count * samples, groups, total, dim)
+                # one copy from the pass's rows to all their samples' rows
+                entry.view(count, samples, groups, total, dim)[:, :, :, :prompt_width] = \
+                    prompt[:, None]
+                entries.append(entry)
+            cache.append(tuple(entries))
         return cache
 
     @staticmethod
@@ -489,7 +492,9 @@ class BuiltinEngine:
             if logits is not None and shared is not None:
                 logits = logits[shared]
             freqs = model.rotary_pos_emb(total)
-            cache = self._rotated_cache(model, context, start, total, freqs, shared)
+            cache = (self._rotated_cache(model, context, start, total, freqs) if shared is None
+                     else self._rotated_cache(model, context, start, total, freqs, len(prompts),
+                                              params.n))
             direct = _direct_stage(model, freqs) if self._direct else None
             # frees the prefill KV cache (not `del`: the prefill lambda above names it)
             context = None
