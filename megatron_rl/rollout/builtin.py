@@ -240,6 +240,16 @@ def _rotate(tensor: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -
     return tensor * cos + torch.cat((tensor[..., half:], tensor[..., :half]), -1) * sin_signed
 
 
+def _move_rows(tensor: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor,
+               count: int) -> torch.Tensor:
+    """`tensor`'s first `count` rows (a view) after its rows `sources` are copied onto its rows
+    `targets`: how a decode batch sheds its finished rows (generate). Only the moved rows are
+    copied, where an index_select of the rows kept copied the whole cache at every compaction
+    (~0.5 ms each, ~11 a call on the main job)."""
+    tensor.index_copy_(0, targets, tensor.index_select(0, sources))
+    return tensor[:count]
+
+
 class BuiltinEngine:
     """RolloutEngine (rollout/types.py) on this rank's shard of the policy model.
 
@@ -327,15 +337,6 @@ class BuiltinEngine:
                 entries.append(entry)
             cache.append(tuple(entries))
         return cache
-
-    @staticmethod
-    def _compact_cache(cache, keep):
-        """Keep only the decode batch's rows `keep` (positions in it) in each layer's cache, in
-        place in the list, a layer at a time (so the old and new caches never both exist
-        whole). Whole rows are copied, columns not yet written too: index_select copies 1-2 MB
-        in ~40 us, advanced indexing of the written columns alone took 4x as long."""
-        for i, (keys, values) in enumerate(cache):
-            cache[i] = (keys.index_select(0, keep), values.index_select(0, keep))
 
     @staticmethod
     def _decode_stage(model, hidden, ids, t, cache, freqs, hidden_keys):
@@ -438,27 +439,24 @@ class BuiltinEngine:
         device = next(model.parameters()).device
         expanded = [list(p) for p in prompts for _ in range(params.n)]
         batch = len(expanded)
-        lengths = torch.tensor([len(p) for p in expanded], device=device)
-        width = int(lengths.max())
+        width = max(len(p) for p in expanded)
         total = width + params.max_new_tokens
         if total > model.max_sequence_length:
             raise ValueError(f"prompt ({width} tokens) + max_new_tokens "
                              f"({params.max_new_tokens}) exceeds the model's "
                              f"max_position_embeddings={model.max_sequence_length}")
         # row i holds its prompt in columns [pad[i], prompt_end[i])
-        pad = width - lengths if device.type == "cpu" else torch.zeros_like(lengths)
-        prompt_end = pad + lengths
-        tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
-        for i, p in enumerate(expanded):
-            tokens[i, int(pad[i]): int(prompt_end[i])] = torch.tensor(p, device=device)
+        pads = [width - len(p) if device.type == "cpu" else 0 for p in expanded]
+        tokens = torch.tensor([[0] * left + p + [0] * (total - left - len(p))
+                               for left, p in zip(pads, expanded)], device=device)
+        pad = torch.tensor(pads, device=device)
+        prompt_end = pad + torch.tensor([len(p) for p in expanded], device=device)
         columns = torch.arange(total, device=device)
         positions = (columns[None, :] - pad[:, None]).clamp(min=0)  # learned position tables
         # True = hidden: padding keys; queries see no key after their own (causal)
-        hidden = columns[None, :] < pad[:, None] if bool(pad.any()) else None
+        hidden = columns[None, :] < pad[:, None] if any(pads) else None
         logprobs = torch.zeros(batch, total, device=device)
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
         end = prompt_end + params.max_new_tokens  # exclusive end of each sequence
-        finish = ["length"] * batch
         stop_ids = torch.tensor(list(params.stop_token_ids), dtype=torch.long, device=device)
 
         generator = torch.Generator(device=device)
@@ -498,11 +496,13 @@ class BuiltinEngine:
             direct = _direct_stage(model, freqs) if self._direct else None
             # frees the prefill KV cache (not `del`: the prefill lambda above names it)
             context = None
-            # The decode batch: the batch's rows `rows` (None: all), the cache's rows in order.
-            # Finished sequences leave it COMPACT_ROWS at a time; a batch of another size, or
-            # one off the CPU, stays whole (see COMPACT_ROWS).
-            rows, hidden_rows = None, hidden
+            # The decode batch: the batch's rows `rows` (None: all, in order), the cache's rows,
+            # and `ends`, their `end` (t + 1 once a stop token is sampled at t), in its order. A
+            # row is done once t reaches its end. Finished sequences leave it COMPACT_ROWS at a
+            # time; a batch of another size, or one off the CPU, stays whole (see COMPACT_ROWS).
+            rows, hidden_rows, ends = None, hidden, end.clone()
             compact = self._compact and device.type == "cpu" and batch % COMPACT_ROWS == 0
+            gather = mpu.get_tensor_model_parallel_world_size() > 1
             self._decode_rows = []
             for t in range(start, total):
                 count = batch if rows is None else rows.numel()
@@ -517,9 +517,13 @@ class BuiltinEngine:
                             model, h, ids, t - 1, cache, freqs, keys_hidden), count, 1)
                     self._decode_rows.append(count)
                 if logits is not None:  # the last pipeline stage samples
-                    logits = gather_from_tensor_model_parallel_region(logits[:, -1].float())
+                    logits = logits[:, -1].float()
+                    if gather:
+                        logits = gather_from_tensor_model_parallel_region(logits)
                     logits = logits[:, : self.vocab_size]
-                    scaled = logits / params.temperature if params.temperature > 0 else logits
+                    # x / 1 is x: T = 1 skips the division
+                    scaled = (logits / params.temperature
+                              if params.temperature not in (0, 1) else logits)
                     log_probs = torch.log_softmax(scaled, dim=-1)
                     if params.temperature > 0:
                         filtered = (scaled if params.top_k <= 0 and params.top_p >= 1.0
@@ -537,41 +541,58 @@ class BuiltinEngine:
                     group = mpu.get_pipeline_model_parallel_group()
                     torch.distributed.broadcast(next_ids, src=last, group=group)
                     torch.distributed.broadcast(next_logprobs, src=last, group=group)
-                if rows is not None:  # to the whole batch: the rows left out are all done
-                    next_ids = next_ids.new_zeros(batch).index_copy_(0, rows, next_ids)
-                    next_logprobs = next_logprobs.new_zeros(batch).index_copy_(0, rows,
-                                                                               next_logprobs)
-                generating = (t >= prompt_end) & ~done & (t < end)
-                tokens[:, t] = torch.where(generating, next_ids, tokens[:, t])
-                logprobs[:, t] = torch.where(generating, next_logprobs, logprobs[:, t])
+                # Column t of every row in the decode batch: done rows' columns past their end
+                # are never read (their samples end there, and their rows' outputs do not touch
+                # the others'), only rows still in their prompts keep column t. Those exist only
+                # while t < width, off the CPU, where the batch stays whole.
+                generating = t < ends
+                if t < width:
+                    past_prompt = t >= prompt_end
+                    generating &= past_prompt
+                    next_ids = torch.where(past_prompt, next_ids, tokens[:, t])
+                if rows is None:
+                    tokens[:, t] = next_ids
+                    logprobs[:, t] = next_logprobs
+                else:
+                    tokens[rows, t] = next_ids
+                    logprobs[rows, t] = next_logprobs
                 if stop_ids.numel():
-                    stopped = generating & torch.isin(next_ids, stop_ids)
-                    for i in stopped.nonzero()[:, 0].tolist():
-                        finish[i] = "stop"
-                    end = torch.where(stopped, t + 1, end)
-                    done |= stopped
-                done |= generating & (t + 1 >= end)
-                if bool(done.all()):
+                    ends = torch.where(generating & torch.isin(next_ids, stop_ids), t + 1, ends)
+                if int(ends.max()) <= t + 1:  # every sequence is done
                     break
                 if compact and t + 1 < total:  # a decode step follows
-                    live = ~done if rows is None else ~done[rows]  # over the decode batch
+                    live = ends > t + 1
                     live_count = int(live.sum())
                     keep_count = -(-live_count // COMPACT_ROWS) * COMPACT_ROWS
                     if keep_count < count:
-                        # the live rows, and the first finished ones to make up the count
-                        fill = (~live).nonzero()[: keep_count - live_count, 0]
-                        keep = torch.cat([live.nonzero()[:, 0], fill]).sort().values
-                        self._compact_cache(cache, keep)
-                        rows = keep if rows is None else rows[keep]
+                        if rows is None:
+                            rows = torch.arange(batch, device=device)
+                        end[rows] = ends  # final for the rows about to leave
+                        # the live rows past the first keep_count take finished rows' places
+                        # before it; the finished rows left there make up the count
+                        sources = live[keep_count:].nonzero()[:, 0] + keep_count
+                        targets = (~live[:keep_count]).nonzero()[: sources.numel(), 0]
+                        cache = [tuple(_move_rows(x, sources, targets, keep_count) for x in kv)
+                                 for kv in cache]
+                        rows, ends = (_move_rows(x, sources, targets, keep_count)
+                                      for x in (rows, ends))
                         hidden_rows = None if hidden is None else hidden[rows]
+            if rows is None:
+                end = ends
+            else:
+                end[rows] = ends
         finally:
             model.train(was_training)
 
+        stops = set(params.stop_token_ids)
         samples = []
-        for i, p in enumerate(expanded):
-            lo, hi = int(prompt_end[i]), int(end[i])
-            samples.append(Sample(prompt_ids=p, output_ids=tokens[i, lo:hi].tolist(),
-                                  output_logprobs=logprobs[i, lo:hi].tolist(),
-                                  finish_reason=finish[i], weight_version=self.weight_version,
+        for i, (p, left, row, row_logprobs, hi) in enumerate(zip(
+                expanded, pads, tokens.tolist(), logprobs.tolist(), end.tolist())):
+            output = row[left + len(p): hi]
+            samples.append(Sample(prompt_ids=p, output_ids=output,
+                                  output_logprobs=row_logprobs[left + len(p): hi],
+                                  # a sequence that samples a stop token ends with it
+                                  finish_reason="stop" if output[-1] in stops else "length",
+                                  weight_version=self.weight_version,
                                   prompt_index=i // params.n))
         return samples
