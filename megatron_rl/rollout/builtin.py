@@ -241,13 +241,13 @@ def _rotate(tensor: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -
 
 
 def _move_rows(tensor: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor,
-               count: int) -> torch.Tensor:
-    """`tensor`'s first `count` rows (a view) after its rows `sources` are copied onto its rows
-    `targets`: how a decode batch sheds its finished rows (generate). Only the moved rows are
-    copied, where an index_select of the rows kept copied the whole cache at every compaction
-    (~0.5 ms each, ~11 a call on the main job)."""
-    tensor.index_copy_(0, targets, tensor.index_select(0, sources))
-    return tensor[:count]
+               count: int, dim: int = 0) -> torch.Tensor:
+    """`tensor`'s first `count` rows along `dim` (a view) after its rows `sources` are copied
+    onto its rows `targets`: how a decode batch sheds its finished rows (generate). Only the
+    moved rows are copied, where an index_select of the rows kept copied the whole cache at
+    every compaction (~0.5 ms each, ~11 a call on the main job)."""
+    tensor.index_copy_(dim, targets, tensor.index_select(dim, sources))
+    return tensor.narrow(dim, 0, count)
 
 
 class BuiltinEngine:
@@ -318,38 +318,37 @@ class BuiltinEngine:
     @staticmethod
     def _rotated_cache(model, context, prompt_width, total, freqs, prompts=None, samples=1,
                        memory=None):
-        """Per layer of this stage, (keys, values) [b, groups, total, head dim] holding the
+        """This stage's cache, [layer, keys / values, b, groups, total, head dim]: per layer the
         prompt pass's keys (rotated here: megatron caches them unrotated) and values in columns
         < prompt_width, and nothing set in the others (a decode step writes column t before it
         reads it; zeroing them took ~2 ms of a call). Rows p * samples to (p + 1) * samples - 1
-        hold the pass's row p, of its first `prompts` rows (None: all).
+        hold the pass's row p, of its first `prompts` rows (None: all). One tensor, so that a
+        compaction moves the rows of every layer at once.
 
         Laid out in `memory` (a flat tensor) when it has room, else in a new one; returns the
         cache and the tensor it is laid out in."""
-        prompt_entries = []  # keys, values of each layer in turn: [rows, groups, width, dim]
-        for layer in model.decoder.layers:
+        layers = model.decoder.layers
+        if len(layers) == 0:  # a pipeline stage without layers
+            return [], memory
+        cache = None
+        for i, layer in enumerate(layers):
             attn = layer.self_attention
             keys, values = context.key_value_memory_dict[layer.layer_number]
             keys = _rope(attn, keys[:prompt_width], freqs[:prompt_width]).permute(1, 2, 0, 3)
-            prompt_entries += [keys[:prompts], values[:prompt_width].permute(1, 2, 0, 3)[:prompts]]
-        shapes = [(entry.shape[0], samples, entry.shape[1], total, entry.shape[3])
-                  for entry in prompt_entries]
-        sizes = [math.prod(shape) for shape in shapes]
-        if not prompt_entries:  # a pipeline stage without layers
-            return [], memory
-        first = prompt_entries[0]
-        if (memory is None or memory.numel() < sum(sizes) or memory.dtype != first.dtype
-                or memory.device != first.device):
-            memory = first.new_empty(sum(sizes))
-        entries = []
-        for prompt, shape, chunk in zip(prompt_entries, shapes,
-                                        memory[: sum(sizes)].split(sizes)):
-            entry = chunk.view(shape)
+            values = values[:prompt_width].permute(1, 2, 0, 3)
+            keys, values = keys[:prompts], values[:prompts]
+            if cache is None:
+                count, groups, _, dim = keys.shape
+                shape = (len(layers), 2, count, samples, groups, total, dim)
+                size = math.prod(shape)
+                if (memory is None or memory.numel() < size or memory.dtype != keys.dtype
+                        or memory.device != keys.device):
+                    memory = keys.new_empty(size)
+                cache = memory[:size].view(shape)
             # one copy from the pass's rows to all their samples' rows
-            entry[:, :, :, :prompt_width] = prompt[:, None]
-            entries.append(entry.flatten(0, 1))
-        cache = list(zip(entries[::2], entries[1::2]))  # (keys, values) per layer
-        return cache, memory
+            cache[i, 0, :, :, :, :prompt_width] = keys[:, None]
+            cache[i, 1, :, :, :, :prompt_width] = values[:, None]
+        return cache.flatten(2, 3), memory
 
     @staticmethod
     def _decode_stage(model, hidden, ids, t, cache, freqs, hidden_keys):
@@ -591,8 +590,8 @@ class BuiltinEngine:
                         # before it; the finished rows left there make up the count
                         sources = live[keep_count:].nonzero()[:, 0] + keep_count
                         targets = (~live[:keep_count]).nonzero()[: sources.numel(), 0]
-                        cache = [tuple(_move_rows(x, sources, targets, keep_count) for x in kv)
-                                 for kv in cache]
+                        if len(cache):  # (none on a pipeline stage without layers)
+                            cache = _move_rows(cache, sources, targets, keep_count, dim=2)
                         rows, ends = (_move_rows(x, sources, targets, keep_count)
                                       for x in (rows, ends))
                         hidden_rows = None if hidden is None else hidden[rows]
