@@ -151,6 +151,9 @@ class _DirectStage(NamedTuple):
     """This pipeline stage's tensors for `_decode_direct`, read once per generate() (the
     optimizer updates the weights in place between calls, so the views stay current)."""
     layers: List[_DirectLayer]
+    # the first stage's word embeddings when LanguageModelEmbedding's forward is only their rows
+    # (one TP rank, no position embeddings or scaling, dropout off in eval), else None
+    embedding_weight: Optional[torch.Tensor]
     final_norm: Optional[Tuple]  # the last stage's, else None
     output_weight: Optional[torch.Tensor]
     cos: torch.Tensor  # [position, head dim]: RoPE's cos, as megatron computes it per call
@@ -174,7 +177,8 @@ def _direct_stage(model, freqs: torch.Tensor) -> Optional[_DirectStage]:
     into linears), sequence parallelism, more TP ranks than key/value groups (megatron gathers
     the QKV output), biases on the other linears, partial or interleaved RoPE, another MLP
     activation. Then `_decode_stage` runs the modules."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                               VocabParallelEmbedding)
 
     config = model.config
     if (config.sequence_parallel or config.rotary_interleaved or config.multi_latent_attention
@@ -208,6 +212,17 @@ def _direct_stage(model, freqs: torch.Tensor) -> Optional[_DirectStage]:
             norms[0], qkv.weight.t(), None if qkv.skip_bias_add else qkv.bias, *qk_norms,
             attn.linear_proj.weight.t(), norms[1], mlp.linear_fc1.weight.t(),
             mlp.linear_fc2.weight.t()))
+    embedding_weight = None
+    if model.pre_process:
+        embedding = model.embedding
+        if (type(embedding.word_embeddings) is VocabParallelEmbedding
+                and embedding.word_embeddings.tp_group.size() == 1
+                and getattr(embedding.word_embeddings, "gtp_remat_size", 1) == 1
+                and not embedding.reduce_scatter_embeddings
+                and not embedding.add_position_embedding and embedding.tokentype_embeddings is None
+                and not (config.use_mup and config.mup_embedding_mult != 1.0)
+                and not config.fp32_residual_connection):
+            embedding_weight = embedding.word_embeddings.weight
     final_norm = output_weight = None
     if model.post_process:
         final_norm = _norm_args(model.decoder.final_layernorm)
@@ -227,7 +242,8 @@ def _direct_stage(model, freqs: torch.Tensor) -> Optional[_DirectStage]:
     cos, sin = cos.flatten(1), sin.flatten(1)  # [position, 1, 1, dim] -> [position, dim]
     half = sin.shape[1] // 2
     return _DirectStage(
-        layers, final_norm, output_weight, cos, torch.cat([-sin[:, :half], sin[:, half:]], 1),
+        layers, embedding_weight, final_norm, output_weight, cos,
+        torch.cat([-sin[:, :half], sin[:, half:]], 1),
         config.softmax_scale or 1.0 / math.sqrt(attn.hidden_size_per_attention_head),
         config.glu_linear_offset, attn.linear_proj.tp_group)
 
@@ -394,9 +410,12 @@ class BuiltinEngine:
         step's cost that does not depend on its rows (docs/rollout.md, session 4). Hidden states
         are [b, h] here (megatron's [1, b, h] less the sequence dimension: its matmuls fold it
         away too)."""
-        if hidden is None:
-            hidden = model.embedding(input_ids=ids[:, None], position_ids=None)
-        hidden = hidden[0]
+        if hidden is not None:  # the previous pipeline stage's
+            hidden = hidden[0]
+        elif stage.embedding_weight is not None:
+            hidden = F.embedding(ids, stage.embedding_weight)
+        else:
+            hidden = model.embedding(input_ids=ids[:, None], position_ids=None)[0]
         batch = hidden.shape[0]
         cos, sin = stage.cos[t], stage.sin_signed[t]
         reduce = stage.tp_group is not None and stage.tp_group.size() > 1
@@ -511,6 +530,8 @@ class BuiltinEngine:
                 memory=self._cache_memory if device.type == "cpu" else None)
             if device.type == "cpu":
                 self._cache_memory = memory
+            # each layer's (keys, values) views, taken once per cache shape, not at every step
+            layer_caches = [tuple(kv.unbind()) for kv in cache]
             direct = _direct_stage(model, freqs) if self._direct else None
             # frees the prefill KV cache (not `del`: the prefill lambda above names it)
             context = None
@@ -529,10 +550,11 @@ class BuiltinEngine:
                     keys_hidden = None if hidden is None else hidden_rows[:, None, None, :t]
                     if direct is not None:
                         logits = self._pipeline(model, lambda h: self._decode_direct(
-                            model, direct, h, ids, t - 1, cache, keys_hidden), count, 1)
+                            model, direct, h, ids, t - 1, layer_caches, keys_hidden), count, 1)
                     else:
                         logits = self._pipeline(model, lambda h: self._decode_stage(
-                            model, h, ids, t - 1, cache, freqs, keys_hidden), count, 1)
+                            model, h, ids, t - 1, layer_caches, freqs, keys_hidden),
+                            count, 1)
                     self._decode_rows.append(count)
                 if logits is not None:  # the last pipeline stage samples
                     logits = logits[:, -1].float()
@@ -592,6 +614,7 @@ class BuiltinEngine:
                         targets = (~live[:keep_count]).nonzero()[: sources.numel(), 0]
                         if len(cache):  # (none on a pipeline stage without layers)
                             cache = _move_rows(cache, sources, targets, keep_count, dim=2)
+                            layer_caches = [tuple(kv.unbind()) for kv in cache]
                         rows, ends = (_move_rows(x, sources, targets, keep_count)
                                       for x in (rows, ends))
                         hidden_rows = None if hidden is None else hidden[rows]
