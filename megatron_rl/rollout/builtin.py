@@ -543,81 +543,86 @@ class BuiltinEngine:
             compact = self._compact and device.type == "cpu" and batch % COMPACT_ROWS == 0
             gather = mpu.get_tensor_model_parallel_world_size() > 1
             self._decode_rows = []
-            for t in range(start, total):
-                count = batch if rows is None else rows.numel()
-                if t > start:  # feed column t - 1, get the logits for column t
-                    ids = tokens[:, t - 1] if rows is None else tokens[rows, t - 1]
-                    keys_hidden = None if hidden is None else hidden_rows[:, None, None, :t]
-                    if direct is not None:
-                        logits = self._pipeline(model, lambda h: self._decode_direct(
-                            model, direct, h, ids, t - 1, layer_caches, keys_hidden), count, 1)
+            # The decode loop runs in inference mode: no version counters or view tracking
+            # on each of its small ops (~10% of a call on the main job). The prompt pass and
+            # RoPE's table stay out of it: megatron keeps the table (lru_cache) for training,
+            # which cannot use inference tensors.
+            with torch.inference_mode():
+                for t in range(start, total):
+                    count = batch if rows is None else rows.numel()
+                    if t > start:  # feed column t - 1, get the logits for column t
+                        ids = tokens[:, t - 1] if rows is None else tokens[rows, t - 1]
+                        keys_hidden = None if hidden is None else hidden_rows[:, None, None, :t]
+                        if direct is not None:
+                            logits = self._pipeline(model, lambda h: self._decode_direct(
+                                model, direct, h, ids, t - 1, layer_caches, keys_hidden), count, 1)
+                        else:
+                            logits = self._pipeline(model, lambda h: self._decode_stage(
+                                model, h, ids, t - 1, layer_caches, freqs, keys_hidden),
+                                count, 1)
+                        self._decode_rows.append(count)
+                    if logits is not None:  # the last pipeline stage samples
+                        logits = logits[:, -1].float()
+                        if gather:
+                            logits = gather_from_tensor_model_parallel_region(logits)
+                        logits = logits[:, : self.vocab_size]
+                        # x / 1 is x: T = 1 skips the division
+                        scaled = (logits / params.temperature
+                                  if params.temperature not in (0, 1) else logits)
+                        log_probs = torch.log_softmax(scaled, dim=-1)
+                        if params.temperature > 0:
+                            filtered = (scaled if params.top_k <= 0 and params.top_p >= 1.0
+                                        else filter_logits(scaled, params.top_k, params.top_p))
+                            probs = log_probs.exp() if filtered is scaled else filtered.softmax(-1)
+                            next_ids = sample_from(probs, generator, rows, batch)
+                        else:
+                            next_ids = logits.argmax(-1)
+                        next_logprobs = log_probs.gather(-1, next_ids[:, None])[:, 0]
                     else:
-                        logits = self._pipeline(model, lambda h: self._decode_stage(
-                            model, h, ids, t - 1, layer_caches, freqs, keys_hidden),
-                            count, 1)
-                    self._decode_rows.append(count)
-                if logits is not None:  # the last pipeline stage samples
-                    logits = logits[:, -1].float()
-                    if gather:
-                        logits = gather_from_tensor_model_parallel_region(logits)
-                    logits = logits[:, : self.vocab_size]
-                    # x / 1 is x: T = 1 skips the division
-                    scaled = (logits / params.temperature
-                              if params.temperature not in (0, 1) else logits)
-                    log_probs = torch.log_softmax(scaled, dim=-1)
-                    if params.temperature > 0:
-                        filtered = (scaled if params.top_k <= 0 and params.top_p >= 1.0
-                                    else filter_logits(scaled, params.top_k, params.top_p))
-                        probs = log_probs.exp() if filtered is scaled else filtered.softmax(-1)
-                        next_ids = sample_from(probs, generator, rows, batch)
+                        next_ids = torch.empty(count, dtype=torch.long, device=device)
+                        next_logprobs = torch.empty(count, device=device)
+                    if mpu.get_pipeline_model_parallel_world_size() > 1:
+                        last = mpu.get_pipeline_model_parallel_last_rank()
+                        group = mpu.get_pipeline_model_parallel_group()
+                        torch.distributed.broadcast(next_ids, src=last, group=group)
+                        torch.distributed.broadcast(next_logprobs, src=last, group=group)
+                    # Column t of every row in the decode batch: done rows' columns past their end
+                    # are never read (their samples end there, and their rows' outputs do not touch
+                    # the others'), only rows still in their prompts keep column t. Those exist only
+                    # while t < width, off the CPU, where the batch stays whole.
+                    generating = t < ends
+                    if t < width:
+                        past_prompt = t >= prompt_end
+                        generating &= past_prompt
+                        next_ids = torch.where(past_prompt, next_ids, tokens[:, t])
+                    if rows is None:
+                        tokens[:, t] = next_ids
+                        logprobs[:, t] = next_logprobs
                     else:
-                        next_ids = logits.argmax(-1)
-                    next_logprobs = log_probs.gather(-1, next_ids[:, None])[:, 0]
-                else:
-                    next_ids = torch.empty(count, dtype=torch.long, device=device)
-                    next_logprobs = torch.empty(count, device=device)
-                if mpu.get_pipeline_model_parallel_world_size() > 1:
-                    last = mpu.get_pipeline_model_parallel_last_rank()
-                    group = mpu.get_pipeline_model_parallel_group()
-                    torch.distributed.broadcast(next_ids, src=last, group=group)
-                    torch.distributed.broadcast(next_logprobs, src=last, group=group)
-                # Column t of every row in the decode batch: done rows' columns past their end
-                # are never read (their samples end there, and their rows' outputs do not touch
-                # the others'), only rows still in their prompts keep column t. Those exist only
-                # while t < width, off the CPU, where the batch stays whole.
-                generating = t < ends
-                if t < width:
-                    past_prompt = t >= prompt_end
-                    generating &= past_prompt
-                    next_ids = torch.where(past_prompt, next_ids, tokens[:, t])
-                if rows is None:
-                    tokens[:, t] = next_ids
-                    logprobs[:, t] = next_logprobs
-                else:
-                    tokens[rows, t] = next_ids
-                    logprobs[rows, t] = next_logprobs
-                if stop_ids.numel():
-                    ends = torch.where(generating & torch.isin(next_ids, stop_ids), t + 1, ends)
-                if int(ends.max()) <= t + 1:  # every sequence is done
-                    break
-                if compact and t + 1 < total:  # a decode step follows
-                    live = ends > t + 1
-                    live_count = int(live.sum())
-                    keep_count = -(-live_count // COMPACT_ROWS) * COMPACT_ROWS
-                    if keep_count < count:
-                        if rows is None:
-                            rows = torch.arange(batch, device=device)
-                        end[rows] = ends  # final for the rows about to leave
-                        # the live rows past the first keep_count take finished rows' places
-                        # before it; the finished rows left there make up the count
-                        sources = live[keep_count:].nonzero()[:, 0] + keep_count
-                        targets = (~live[:keep_count]).nonzero()[: sources.numel(), 0]
-                        if len(cache):  # (none on a pipeline stage without layers)
-                            cache = _move_rows(cache, sources, targets, keep_count, dim=2)
-                            layer_caches = [tuple(kv.unbind()) for kv in cache]
-                        rows, ends = (_move_rows(x, sources, targets, keep_count)
-                                      for x in (rows, ends))
-                        hidden_rows = None if hidden is None else hidden[rows]
+                        tokens[rows, t] = next_ids
+                        logprobs[rows, t] = next_logprobs
+                    if stop_ids.numel():
+                        ends = torch.where(generating & torch.isin(next_ids, stop_ids), t + 1, ends)
+                    if int(ends.max()) <= t + 1:  # every sequence is done
+                        break
+                    if compact and t + 1 < total:  # a decode step follows
+                        live = ends > t + 1
+                        live_count = int(live.sum())
+                        keep_count = -(-live_count // COMPACT_ROWS) * COMPACT_ROWS
+                        if keep_count < count:
+                            if rows is None:
+                                rows = torch.arange(batch, device=device)
+                            end[rows] = ends  # final for the rows about to leave
+                            # the live rows past the first keep_count take finished rows' places
+                            # before it; the finished rows left there make up the count
+                            sources = live[keep_count:].nonzero()[:, 0] + keep_count
+                            targets = (~live[:keep_count]).nonzero()[: sources.numel(), 0]
+                            if len(cache):  # (none on a pipeline stage without layers)
+                                cache = _move_rows(cache, sources, targets, keep_count, dim=2)
+                                layer_caches = [tuple(kv.unbind()) for kv in cache]
+                            rows, ends = (_move_rows(x, sources, targets, keep_count)
+                                          for x in (rows, ends))
+                            hidden_rows = None if hidden is None else hidden[rows]
             if rows is None:
                 end = ends
             else:
