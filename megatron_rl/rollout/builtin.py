@@ -26,15 +26,17 @@ autograd Functions, which cost more than the matmuls at small batches; the logit
 to the bit. Other modules (TransformerEngine's) run through `_decode_stage`.
 
 On CPU, finished sequences leave the decode batch: once a multiple of COMPACT_ROWS (8) rows
-have finished, the cache keeps only the others (and enough finished ones to fill a multiple of
-8), so later steps do not run those rows through the model. The samples stay those of the
-static batch decoded to the longest response, token for token: every step still draws the
-random numbers of the whole batch and each row uses its own (`sample_from`'s rows), and a
-row's logits do not depend on the rows beside it at these batch sizes (see COMPACT_ROWS). What
-it saves is the finished rows' share of a step, not the step's fixed cost: 1.43x tokens/s on the
-main job's model with random weights (responses of 18 tokens on average, 34 at most), 1.03x
-after its warm start (30 of 34), docs/rollout.md. On CPU a prompt's n samples also share one
-prompt pass (generate).
+have finished, the live rows past the new size move into finished rows' places and the cache
+keeps only that many rows (some finished ones fill a multiple of 8), so later steps do not run
+those rows through the model. The samples stay those of the static batch decoded to the
+longest response, token for token: every step still draws the random numbers of the whole
+batch and each row uses its own (`sample_from`'s rows), and a row's logits do not depend on the
+rows beside it or on its place among them at these batch sizes (see COMPACT_ROWS). What it
+saves is the finished rows' share of a step, not the step's fixed cost, so the per-step
+bookkeeping covers only the decode batch and the decode loop runs in inference mode: 1.57x
+tokens/s on the main job's model with random weights (responses of 18 tokens on average, 34 at
+most), 1.07x after its warm start (30 of 34), docs/rollout.md. On CPU a prompt's n samples also
+share one prompt pass, and the cache's memory stays with the engine between calls (generate).
 
 Tensor parallel: logits come out split over the vocabulary; they are gathered on every TP rank
 and every rank samples with the same seeded generator, so all ranks agree on the tokens.
@@ -337,9 +339,9 @@ class BuiltinEngine:
         """This stage's cache, [layer, keys / values, b, groups, total, head dim]: per layer the
         prompt pass's keys (rotated here: megatron caches them unrotated) and values in columns
         < prompt_width, and nothing set in the others (a decode step writes column t before it
-        reads it; zeroing them took ~2 ms of a call). Rows p * samples to (p + 1) * samples - 1
-        hold the pass's row p, of its first `prompts` rows (None: all). One tensor, so that a
-        compaction moves the rows of every layer at once.
+        reads it, so zeroing them was a pass over the whole cache for nothing). Rows
+        p * samples to (p + 1) * samples - 1 hold the pass's row p, of its first `prompts` rows
+        (None: all). One tensor, so that a compaction moves the rows of every layer at once.
 
         Laid out in `memory` (a flat tensor) when it has room, else in a new one; returns the
         cache and the tensor it is laid out in."""
