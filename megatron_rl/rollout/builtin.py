@@ -43,6 +43,7 @@ and every rank samples with the same seeded generator, so all ranks agree on the
 Pipeline parallel: each step's hidden states go stage to stage (send/recv), the last stage
 samples, and it broadcasts the new tokens and their log-probs to the other stages.
 """
+import contextlib
 import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -303,7 +304,9 @@ class BuiltinEngine:
         this, is refused at config load for this engine). generate() does the work."""
 
     def shutdown(self) -> None:
-        """Nothing to release: the engine holds no process, server or group of its own."""
+        """Releases the KV cache's memory kept between calls; the engine holds no process,
+        server or group of its own."""
+        self._cache_memory = None
 
     def _pipeline(self, model, stage, batch, width):
         """Run stage(hidden_in) on this pipeline stage: hidden_in is None on the first stage, the
@@ -545,11 +548,14 @@ class BuiltinEngine:
             compact = self._compact and device.type == "cpu" and batch % COMPACT_ROWS == 0
             gather = mpu.get_tensor_model_parallel_world_size() > 1
             self._decode_rows = []
-            # The decode loop runs in inference mode: no version counters or view tracking
-            # on each of its small ops (~10% of a call on the main job). The prompt pass and
-            # RoPE's table stay out of it: megatron keeps the table (lru_cache) for training,
-            # which cannot use inference tensors.
-            with torch.inference_mode():
+            # The direct decode loop runs in inference mode: no version counters or view
+            # tracking on each of its small ops (~10% of a call on the main job). The prompt
+            # pass and RoPE's table stay out of it: megatron keeps the table (lru_cache) for
+            # training, which cannot use inference tensors. So do the module path's steps
+            # (TransformerEngine's modules may create state lazily, which training would then
+            # find to be inference tensors).
+            # (not inference_mode(False): that turns grad mode back on)
+            with torch.inference_mode() if direct is not None else contextlib.nullcontext():
                 for t in range(start, total):
                     count = batch if rows is None else rows.numel()
                     if t > start:  # feed column t - 1, get the logits for column t
