@@ -26,21 +26,24 @@ autograd Functions, which cost more than the matmuls at small batches; the logit
 to the bit. Other modules (TransformerEngine's) run through `_decode_stage`.
 
 On CPU, finished sequences leave the decode batch: once a multiple of COMPACT_ROWS (8) rows
-have finished, the cache keeps only the others (and enough finished ones to fill a multiple of
-8), so later steps do not run those rows through the model. The samples stay those of the
-static batch decoded to the longest response, token for token: every step still draws the
-random numbers of the whole batch and each row uses its own (`sample_from`'s rows), and a
-row's logits do not depend on the rows beside it at these batch sizes (see COMPACT_ROWS). What
-it saves is the finished rows' share of a step, not the step's fixed cost: 1.43x tokens/s on the
-main job's model with random weights (responses of 18 tokens on average, 34 at most), 1.03x
-after its warm start (30 of 34), docs/rollout.md. On CPU a prompt's n samples also share one
-prompt pass (generate).
+have finished, the live rows past the new size move into finished rows' places and the cache
+keeps only that many rows (some finished ones fill a multiple of 8), so later steps do not run
+those rows through the model. The samples stay those of the static batch decoded to the
+longest response, token for token: every step still draws the random numbers of the whole
+batch and each row uses its own (`sample_from`'s rows), and a row's logits do not depend on the
+rows beside it or on its place among them at these batch sizes (see COMPACT_ROWS). What it
+saves is the finished rows' share of a step, not the step's fixed cost, so the per-step
+bookkeeping covers only the decode batch and the decode loop runs in inference mode: 1.57x
+tokens/s on the main job's model with random weights (responses of 18 tokens on average, 34 at
+most), 1.07x after its warm start (30 of 34), docs/rollout.md. On CPU a prompt's n samples also
+share one prompt pass, and the cache's memory stays with the engine between calls (generate).
 
 Tensor parallel: logits come out split over the vocabulary; they are gathered on every TP rank
 and every rank samples with the same seeded generator, so all ranks agree on the tokens.
 Pipeline parallel: each step's hidden states go stage to stage (send/recv), the last stage
 samples, and it broadcasts the new tokens and their log-probs to the other stages.
 """
+import contextlib
 import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -151,6 +154,9 @@ class _DirectStage(NamedTuple):
     """This pipeline stage's tensors for `_decode_direct`, read once per generate() (the
     optimizer updates the weights in place between calls, so the views stay current)."""
     layers: List[_DirectLayer]
+    # the first stage's word embeddings when LanguageModelEmbedding's forward is only their rows
+    # (one TP rank, no position embeddings or scaling, dropout off in eval), else None
+    embedding_weight: Optional[torch.Tensor]
     final_norm: Optional[Tuple]  # the last stage's, else None
     output_weight: Optional[torch.Tensor]
     cos: torch.Tensor  # [position, head dim]: RoPE's cos, as megatron computes it per call
@@ -174,7 +180,8 @@ def _direct_stage(model, freqs: torch.Tensor) -> Optional[_DirectStage]:
     into linears), sequence parallelism, more TP ranks than key/value groups (megatron gathers
     the QKV output), biases on the other linears, partial or interleaved RoPE, another MLP
     activation. Then `_decode_stage` runs the modules."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                               VocabParallelEmbedding)
 
     config = model.config
     if (config.sequence_parallel or config.rotary_interleaved or config.multi_latent_attention
@@ -208,6 +215,17 @@ def _direct_stage(model, freqs: torch.Tensor) -> Optional[_DirectStage]:
             norms[0], qkv.weight.t(), None if qkv.skip_bias_add else qkv.bias, *qk_norms,
             attn.linear_proj.weight.t(), norms[1], mlp.linear_fc1.weight.t(),
             mlp.linear_fc2.weight.t()))
+    embedding_weight = None
+    if model.pre_process:
+        embedding = model.embedding
+        if (type(embedding.word_embeddings) is VocabParallelEmbedding
+                and embedding.word_embeddings.tp_group.size() == 1
+                and getattr(embedding.word_embeddings, "gtp_remat_size", 1) == 1
+                and not embedding.reduce_scatter_embeddings
+                and not embedding.add_position_embedding and embedding.tokentype_embeddings is None
+                and not (config.use_mup and config.mup_embedding_mult != 1.0)
+                and not config.fp32_residual_connection):
+            embedding_weight = embedding.word_embeddings.weight
     final_norm = output_weight = None
     if model.post_process:
         final_norm = _norm_args(model.decoder.final_layernorm)
@@ -227,7 +245,8 @@ def _direct_stage(model, freqs: torch.Tensor) -> Optional[_DirectStage]:
     cos, sin = cos.flatten(1), sin.flatten(1)  # [position, 1, 1, dim] -> [position, dim]
     half = sin.shape[1] // 2
     return _DirectStage(
-        layers, final_norm, output_weight, cos, torch.cat([-sin[:, :half], sin[:, half:]], 1),
+        layers, embedding_weight, final_norm, output_weight, cos,
+        torch.cat([-sin[:, :half], sin[:, half:]], 1),
         config.softmax_scale or 1.0 / math.sqrt(attn.hidden_size_per_attention_head),
         config.glu_linear_offset, attn.linear_proj.tp_group)
 
@@ -238,6 +257,16 @@ def _rotate(tensor: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -
     per call is saved."""
     half = tensor.shape[-1] // 2
     return tensor * cos + torch.cat((tensor[..., half:], tensor[..., :half]), -1) * sin_signed
+
+
+def _move_rows(tensor: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor,
+               count: int, dim: int = 0) -> torch.Tensor:
+    """`tensor`'s first `count` rows along `dim` (a view) after its rows `sources` are copied
+    onto its rows `targets`: how a decode batch sheds its finished rows (generate). Only the
+    moved rows are copied, where an index_select of the rows kept copied the whole cache at
+    every compaction (~0.5 ms each, ~11 a call on the main job)."""
+    tensor.index_copy_(dim, targets, tensor.index_select(dim, sources))
+    return tensor.narrow(dim, 0, count)
 
 
 class BuiltinEngine:
@@ -262,6 +291,7 @@ class BuiltinEngine:
         # directly (`_decode_direct`): the same logits, slower; for the tests
         self._direct = direct
         self._decode_rows: List[int] = []  # the last generate()'s decode batch, step by step
+        self._cache_memory: Optional[torch.Tensor] = None  # on CPU: generate's KV cache
         self._calls = 0
 
     def update_weights(self) -> None:
@@ -274,7 +304,9 @@ class BuiltinEngine:
         this, is refused at config load for this engine). generate() does the work."""
 
     def shutdown(self) -> None:
-        """Nothing to release: the engine holds no process, server or group of its own."""
+        """Releases the KV cache's memory kept between calls; the engine holds no process,
+        server or group of its own."""
+        self._cache_memory = None
 
     def _pipeline(self, model, stage, batch, width):
         """Run stage(hidden_in) on this pipeline stage: hidden_in is None on the first stage, the
@@ -305,34 +337,39 @@ class BuiltinEngine:
         return model(tokens, positions, mask, inference_context=context)
 
     @staticmethod
-    def _rotated_cache(model, context, prompt_width, total, freqs, prompt_rows=None):
-        """Per layer of this stage, (keys, values) [b, groups, total, head dim] holding the
-        prompt pass's keys (rotated here: megatron caches them unrotated) and values; row i
-        those of the prompt pass's row prompt_rows[i] (None: row i)."""
-        cache = []
-        for layer in model.decoder.layers:
+    def _rotated_cache(model, context, prompt_width, total, freqs, prompts=None, samples=1,
+                       memory=None):
+        """This stage's cache, [layer, keys / values, b, groups, total, head dim]: per layer the
+        prompt pass's keys (rotated here: megatron caches them unrotated) and values in columns
+        < prompt_width, and nothing set in the others (a decode step writes column t before it
+        reads it, so zeroing them was a pass over the whole cache for nothing). Rows
+        p * samples to (p + 1) * samples - 1 hold the pass's row p, of its first `prompts` rows
+        (None: all). One tensor, so that a compaction moves the rows of every layer at once.
+
+        Laid out in `memory` (a flat tensor) when it has room, else in a new one; returns the
+        cache and the tensor it is laid out in."""
+        layers = model.decoder.layers
+        if len(layers) == 0:  # a pipeline stage without layers
+            return [], memory
+        cache = None
+        for i, layer in enumerate(layers):
             attn = layer.self_attention
             keys, values = context.key_value_memory_dict[layer.layer_number]
             keys = _rope(attn, keys[:prompt_width], freqs[:prompt_width]).permute(1, 2, 0, 3)
             values = values[:prompt_width].permute(1, 2, 0, 3)
-            if prompt_rows is not None:
-                keys, values = keys[prompt_rows], values[prompt_rows]
-            b, groups, dim = keys.shape[0], keys.shape[1], keys.shape[3]
-            k = keys.new_zeros(b, groups, total, dim)
-            v = values.new_zeros(b, groups, total, values.shape[3])
-            k[:, :, :prompt_width] = keys
-            v[:, :, :prompt_width] = values
-            cache.append((k, v))
-        return cache
-
-    @staticmethod
-    def _compact_cache(cache, keep):
-        """Keep only the decode batch's rows `keep` (positions in it) in each layer's cache, in
-        place in the list, a layer at a time (so the old and new caches never both exist
-        whole). Whole rows are copied, columns not yet written too: index_select copies 1-2 MB
-        in ~40 us, advanced indexing of the written columns alone took 4x as long."""
-        for i, (keys, values) in enumerate(cache):
-            cache[i] = (keys.index_select(0, keep), values.index_select(0, keep))
+            keys, values = keys[:prompts], values[:prompts]
+            if cache is None:
+                count, groups, _, dim = keys.shape
+                shape = (len(layers), 2, count, samples, groups, total, dim)
+                size = math.prod(shape)
+                if (memory is None or memory.numel() < size or memory.dtype != keys.dtype
+                        or memory.device != keys.device):
+                    memory = keys.new_empty(size)
+                cache = memory[:size].view(shape)
+            # one copy from the pass's rows to all their samples' rows
+            cache[i, 0, :, :, :, :prompt_width] = keys[:, None]
+            cache[i, 1, :, :, :, :prompt_width] = values[:, None]
+        return cache.flatten(2, 3), memory
 
     @staticmethod
     def _decode_stage(model, hidden, ids, t, cache, freqs, hidden_keys):
@@ -378,9 +415,12 @@ class BuiltinEngine:
         step's cost that does not depend on its rows (docs/rollout.md, session 4). Hidden states
         are [b, h] here (megatron's [1, b, h] less the sequence dimension: its matmuls fold it
         away too)."""
-        if hidden is None:
-            hidden = model.embedding(input_ids=ids[:, None], position_ids=None)
-        hidden = hidden[0]
+        if hidden is not None:  # the previous pipeline stage's
+            hidden = hidden[0]
+        elif stage.embedding_weight is not None:
+            hidden = F.embedding(ids, stage.embedding_weight)
+        else:
+            hidden = model.embedding(input_ids=ids[:, None], position_ids=None)[0]
         batch = hidden.shape[0]
         cos, sin = stage.cos[t], stage.sin_signed[t]
         reduce = stage.tp_group is not None and stage.tp_group.size() > 1
@@ -435,27 +475,24 @@ class BuiltinEngine:
         device = next(model.parameters()).device
         expanded = [list(p) for p in prompts for _ in range(params.n)]
         batch = len(expanded)
-        lengths = torch.tensor([len(p) for p in expanded], device=device)
-        width = int(lengths.max())
+        width = max(len(p) for p in expanded)
         total = width + params.max_new_tokens
         if total > model.max_sequence_length:
             raise ValueError(f"prompt ({width} tokens) + max_new_tokens "
                              f"({params.max_new_tokens}) exceeds the model's "
                              f"max_position_embeddings={model.max_sequence_length}")
         # row i holds its prompt in columns [pad[i], prompt_end[i])
-        pad = width - lengths if device.type == "cpu" else torch.zeros_like(lengths)
-        prompt_end = pad + lengths
-        tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
-        for i, p in enumerate(expanded):
-            tokens[i, int(pad[i]): int(prompt_end[i])] = torch.tensor(p, device=device)
+        pads = [width - len(p) if device.type == "cpu" else 0 for p in expanded]
+        tokens = torch.tensor([[0] * left + p + [0] * (total - left - len(p))
+                               for left, p in zip(pads, expanded)], device=device)
+        pad = torch.tensor(pads, device=device)
+        prompt_end = pad + torch.tensor([len(p) for p in expanded], device=device)
         columns = torch.arange(total, device=device)
         positions = (columns[None, :] - pad[:, None]).clamp(min=0)  # learned position tables
         # True = hidden: padding keys; queries see no key after their own (causal)
-        hidden = columns[None, :] < pad[:, None] if bool(pad.any()) else None
+        hidden = columns[None, :] < pad[:, None] if any(pads) else None
         logprobs = torch.zeros(batch, total, device=device)
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
         end = prompt_end + params.max_new_tokens  # exclusive end of each sequence
-        finish = ["length"] * batch
         stop_ids = torch.tensor(list(params.stop_token_ids), dtype=torch.long, device=device)
 
         generator = torch.Generator(device=device)
@@ -489,84 +526,127 @@ class BuiltinEngine:
             if logits is not None and shared is not None:
                 logits = logits[shared]
             freqs = model.rotary_pos_emb(total)
-            cache = self._rotated_cache(model, context, start, total, freqs, shared)
+            # On CPU the engine keeps the cache's memory from call to call: fresh memory costs a
+            # page fault per 4 KiB there (the main job's 11 MB: ~3000 faults, a few ms a call).
+            # Off the CPU the caching allocator already reuses it.
+            cache, memory = self._rotated_cache(
+                model, context, start, total, freqs, *(() if shared is None else
+                                                       (len(prompts), params.n)),
+                memory=self._cache_memory if device.type == "cpu" else None)
+            if device.type == "cpu":
+                self._cache_memory = memory
+            # each layer's (keys, values) views, taken once per cache shape, not at every step
+            layer_caches = [tuple(kv.unbind()) for kv in cache]
             direct = _direct_stage(model, freqs) if self._direct else None
             # frees the prefill KV cache (not `del`: the prefill lambda above names it)
             context = None
-            # The decode batch: the batch's rows `rows` (None: all), the cache's rows in order.
-            # Finished sequences leave it COMPACT_ROWS at a time; a batch of another size, or
-            # one off the CPU, stays whole (see COMPACT_ROWS).
-            rows, hidden_rows = None, hidden
+            # The decode batch: the batch's rows `rows` (None: all, in order), the cache's rows,
+            # and `ends`, their `end` (t + 1 once a stop token is sampled at t), in its order. A
+            # row is done once t reaches its end. Finished sequences leave it COMPACT_ROWS at a
+            # time; a batch of another size, or one off the CPU, stays whole (see COMPACT_ROWS).
+            rows, hidden_rows, ends = None, hidden, end.clone()
             compact = self._compact and device.type == "cpu" and batch % COMPACT_ROWS == 0
+            gather = mpu.get_tensor_model_parallel_world_size() > 1
             self._decode_rows = []
-            for t in range(start, total):
-                count = batch if rows is None else rows.numel()
-                if t > start:  # feed column t - 1, get the logits for column t
-                    ids = tokens[:, t - 1] if rows is None else tokens[rows, t - 1]
-                    keys_hidden = None if hidden is None else hidden_rows[:, None, None, :t]
-                    if direct is not None:
-                        logits = self._pipeline(model, lambda h: self._decode_direct(
-                            model, direct, h, ids, t - 1, cache, keys_hidden), count, 1)
+            # The direct decode loop runs in inference mode: no version counters or view
+            # tracking on each of its small ops (~10% of a call on the main job). The prompt
+            # pass and RoPE's table stay out of it: megatron keeps the table (lru_cache) for
+            # training, which cannot use inference tensors. So do the module path's steps
+            # (TransformerEngine's modules may create state lazily, which training would then
+            # find to be inference tensors).
+            # (not inference_mode(False): that turns grad mode back on)
+            with torch.inference_mode() if direct is not None else contextlib.nullcontext():
+                for t in range(start, total):
+                    count = batch if rows is None else rows.numel()
+                    if t > start:  # feed column t - 1, get the logits for column t
+                        ids = tokens[:, t - 1] if rows is None else tokens[rows, t - 1]
+                        keys_hidden = None if hidden is None else hidden_rows[:, None, None, :t]
+                        if direct is not None:
+                            logits = self._pipeline(model, lambda h: self._decode_direct(
+                                model, direct, h, ids, t - 1, layer_caches, keys_hidden), count, 1)
+                        else:
+                            logits = self._pipeline(model, lambda h: self._decode_stage(
+                                model, h, ids, t - 1, layer_caches, freqs, keys_hidden),
+                                count, 1)
+                        self._decode_rows.append(count)
+                    if logits is not None:  # the last pipeline stage samples
+                        logits = logits[:, -1].float()
+                        if gather:
+                            logits = gather_from_tensor_model_parallel_region(logits)
+                        logits = logits[:, : self.vocab_size]
+                        # x / 1 is x: T = 1 skips the division
+                        scaled = (logits / params.temperature
+                                  if params.temperature not in (0, 1) else logits)
+                        log_probs = torch.log_softmax(scaled, dim=-1)
+                        if params.temperature > 0:
+                            filtered = (scaled if params.top_k <= 0 and params.top_p >= 1.0
+                                        else filter_logits(scaled, params.top_k, params.top_p))
+                            probs = log_probs.exp() if filtered is scaled else filtered.softmax(-1)
+                            next_ids = sample_from(probs, generator, rows, batch)
+                        else:
+                            next_ids = logits.argmax(-1)
+                        next_logprobs = log_probs.gather(-1, next_ids[:, None])[:, 0]
                     else:
-                        logits = self._pipeline(model, lambda h: self._decode_stage(
-                            model, h, ids, t - 1, cache, freqs, keys_hidden), count, 1)
-                    self._decode_rows.append(count)
-                if logits is not None:  # the last pipeline stage samples
-                    logits = gather_from_tensor_model_parallel_region(logits[:, -1].float())
-                    logits = logits[:, : self.vocab_size]
-                    scaled = logits / params.temperature if params.temperature > 0 else logits
-                    log_probs = torch.log_softmax(scaled, dim=-1)
-                    if params.temperature > 0:
-                        filtered = (scaled if params.top_k <= 0 and params.top_p >= 1.0
-                                    else filter_logits(scaled, params.top_k, params.top_p))
-                        probs = log_probs.exp() if filtered is scaled else filtered.softmax(-1)
-                        next_ids = sample_from(probs, generator, rows, batch)
+                        next_ids = torch.empty(count, dtype=torch.long, device=device)
+                        next_logprobs = torch.empty(count, device=device)
+                    if mpu.get_pipeline_model_parallel_world_size() > 1:
+                        last = mpu.get_pipeline_model_parallel_last_rank()
+                        group = mpu.get_pipeline_model_parallel_group()
+                        torch.distributed.broadcast(next_ids, src=last, group=group)
+                        torch.distributed.broadcast(next_logprobs, src=last, group=group)
+                    # Column t of every row in the decode batch: done rows' columns past their end
+                    # are never read (their samples end there, and their rows' outputs do not touch
+                    # the others'), only rows still in their prompts keep column t. Those exist only
+                    # while t < width, off the CPU, where the batch stays whole.
+                    generating = t < ends
+                    if t < width:
+                        past_prompt = t >= prompt_end
+                        generating &= past_prompt
+                        next_ids = torch.where(past_prompt, next_ids, tokens[:, t])
+                    if rows is None:
+                        tokens[:, t] = next_ids
+                        logprobs[:, t] = next_logprobs
                     else:
-                        next_ids = logits.argmax(-1)
-                    next_logprobs = log_probs.gather(-1, next_ids[:, None])[:, 0]
-                else:
-                    next_ids = torch.empty(count, dtype=torch.long, device=device)
-                    next_logprobs = torch.empty(count, device=device)
-                if mpu.get_pipeline_model_parallel_world_size() > 1:
-                    last = mpu.get_pipeline_model_parallel_last_rank()
-                    group = mpu.get_pipeline_model_parallel_group()
-                    torch.distributed.broadcast(next_ids, src=last, group=group)
-                    torch.distributed.broadcast(next_logprobs, src=last, group=group)
-                if rows is not None:  # to the whole batch: the rows left out are all done
-                    next_ids = next_ids.new_zeros(batch).index_copy_(0, rows, next_ids)
-                    next_logprobs = next_logprobs.new_zeros(batch).index_copy_(0, rows,
-                                                                               next_logprobs)
-                generating = (t >= prompt_end) & ~done & (t < end)
-                tokens[:, t] = torch.where(generating, next_ids, tokens[:, t])
-                logprobs[:, t] = torch.where(generating, next_logprobs, logprobs[:, t])
-                if stop_ids.numel():
-                    stopped = generating & torch.isin(next_ids, stop_ids)
-                    for i in stopped.nonzero()[:, 0].tolist():
-                        finish[i] = "stop"
-                    end = torch.where(stopped, t + 1, end)
-                    done |= stopped
-                done |= generating & (t + 1 >= end)
-                if bool(done.all()):
-                    break
-                if compact and t + 1 < total:  # a decode step follows
-                    live = ~done if rows is None else ~done[rows]  # over the decode batch
-                    live_count = int(live.sum())
-                    keep_count = -(-live_count // COMPACT_ROWS) * COMPACT_ROWS
-                    if keep_count < count:
-                        # the live rows, and the first finished ones to make up the count
-                        fill = (~live).nonzero()[: keep_count - live_count, 0]
-                        keep = torch.cat([live.nonzero()[:, 0], fill]).sort().values
-                        self._compact_cache(cache, keep)
-                        rows = keep if rows is None else rows[keep]
-                        hidden_rows = None if hidden is None else hidden[rows]
+                        tokens[rows, t] = next_ids
+                        logprobs[rows, t] = next_logprobs
+                    if stop_ids.numel():
+                        ends = torch.where(generating & torch.isin(next_ids, stop_ids), t + 1, ends)
+                    if int(ends.max()) <= t + 1:  # every sequence is done
+                        break
+                    if compact and t + 1 < total:  # a decode step follows
+                        live = ends > t + 1
+                        live_count = int(live.sum())
+                        keep_count = -(-live_count // COMPACT_ROWS) * COMPACT_ROWS
+                        if keep_count < count:
+                            if rows is None:
+                                rows = torch.arange(batch, device=device)
+                            end[rows] = ends  # final for the rows about to leave
+                            # the live rows past the first keep_count take finished rows' places
+                            # before it; the finished rows left there make up the count
+                            sources = live[keep_count:].nonzero()[:, 0] + keep_count
+                            targets = (~live[:keep_count]).nonzero()[: sources.numel(), 0]
+                            if len(cache):  # (none on a pipeline stage without layers)
+                                cache = _move_rows(cache, sources, targets, keep_count, dim=2)
+                                layer_caches = [tuple(kv.unbind()) for kv in cache]
+                            rows, ends = (_move_rows(x, sources, targets, keep_count)
+                                          for x in (rows, ends))
+                            hidden_rows = None if hidden is None else hidden[rows]
+            if rows is None:
+                end = ends
+            else:
+                end[rows] = ends
         finally:
             model.train(was_training)
 
+        stops = set(params.stop_token_ids)
         samples = []
-        for i, p in enumerate(expanded):
-            lo, hi = int(prompt_end[i]), int(end[i])
-            samples.append(Sample(prompt_ids=p, output_ids=tokens[i, lo:hi].tolist(),
-                                  output_logprobs=logprobs[i, lo:hi].tolist(),
-                                  finish_reason=finish[i], weight_version=self.weight_version,
+        for i, (p, left, row, row_logprobs, hi) in enumerate(zip(
+                expanded, pads, tokens.tolist(), logprobs.tolist(), end.tolist())):
+            output = row[left + len(p): hi]
+            samples.append(Sample(prompt_ids=p, output_ids=output,
+                                  output_logprobs=row_logprobs[left + len(p): hi],
+                                  # a sequence that samples a stop token ends with it
+                                  finish_reason="stop" if output[-1] in stops else "length",
+                                  weight_version=self.weight_version,
                                   prompt_index=i // params.n))
         return samples

@@ -200,7 +200,7 @@ def test_direct_decode_steps_have_the_module_steps_bits(model):
             freqs = model.rotary_pos_emb(total)
             stage = _direct_stage(model, freqs)
             assert stage is not None  # megatron's local spec: the direct path runs
-            through_modules = BuiltinEngine._rotated_cache(model, context, width, total, freqs)
+            through_modules, _ = BuiltinEngine._rotated_cache(model, context, width, total, freqs)
             direct = [(k.clone(), v.clone()) for k, v in through_modules]
             ids = tokens[:, -1]
             for t in range(width, total):
