@@ -33,10 +33,11 @@ longest response, token for token: every step still draws the random numbers of 
 batch and each row uses its own (`sample_from`'s rows), and a row's logits do not depend on the
 rows beside it or on its place among them at these batch sizes (see COMPACT_ROWS). What it
 saves is the finished rows' share of a step, not the step's fixed cost, so the per-step
-bookkeeping covers only the decode batch and the decode loop runs in inference mode: 1.57x
-tokens/s on the main job's model with random weights (responses of 18 tokens on average, 34 at
-most), 1.07x after its warm start (30 of 34), docs/rollout.md. On CPU a prompt's n samples also
-share one prompt pass, and the cache's memory stays with the engine between calls (generate).
+bookkeeping covers only the decode batch and the direct decode loop runs in inference mode:
+1.48x tokens/s (median of 14 runs) on the main job's model with random weights (responses of
+18 tokens on average, 34 at most), 1.07x after its warm start (30 of 34), docs/rollout.md. On
+CPU a prompt's n samples also share one prompt pass, and the cache's memory stays with the
+engine between calls (generate).
 
 Tensor parallel: logits come out split over the vocabulary; they are gathered on every TP rank
 and every rank samples with the same seeded generator, so all ranks agree on the tokens.
