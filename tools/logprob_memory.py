@@ -126,12 +126,6 @@ def child(args):
     state.destroy()
 
 
-def plan_logits(args, chunked):
-    from megatron_rl.parallel.memory_plan import plan_memory
-
-    return plan_memory(config(args, chunked), 80).item("logits").bytes
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,15 +165,17 @@ def main():
           "update's forward + backward, then its optimizer step")
     print(f"{'path':<22}{'forward':>10}{'fwd+bwd':>10}{'opt step':>10}{'update s':>10}"
           f"{'planned logits':>16}")
+    # the planner's `logits` item of each path the trainer can take
+    planned = {path: plan_memory(config(args, path == "on"), 80, distributed_optimizer=False,
+                                 colocated_rollout=False, runtime_overhead_gib=0
+                                 ).item("logits").bytes for path in ("off", "on")}
     for path in PATHS:
         r = results[path]
         assert r["chunked"] == (path == "on")
-        plan = plan_memory(config(args, path == "on"), 80, distributed_optimizer=False,
-                           colocated_rollout=False, runtime_overhead_gib=0)
-        planned = f"{plan.item('logits').bytes / MIB:>16.0f}" if path != "copy" else ""
+        plan_column = f"{planned[path] / MIB:>16.0f}" if path in planned else ""
         print(f"{LABELS[path]:<22}{r['forward_peak'] / MIB:>10.0f}"
               f"{r['fwd_bwd_peak'] / MIB:>10.0f}{r['step_peak'] / MIB:>10.0f}"
-              f"{r['update_s']:>10.2f}{planned}")
+              f"{r['update_s']:>10.2f}{plan_column}")
     copy = results["copy"]
     print(f"logits path, gradient written over the logits / in a new tensor: forward + backward "
           f"peak {off['fwd_bwd_peak'] / copy['fwd_bwd_peak']:.2f} (saved "
@@ -188,7 +184,7 @@ def main():
     print(f"chunked / logits peak: forward {on['forward_peak'] / off['forward_peak']:.2f}, "
           f"forward + backward {on['fwd_bwd_peak'] / off['fwd_bwd_peak']:.2f} (saved "
           f"{(off['fwd_bwd_peak'] - on['fwd_bwd_peak']) / MIB:.0f} MiB; planned "
-          f"{(plan_logits(args, False) - plan_logits(args, True)) / MIB:.0f} MiB)")
+          f"{(planned['off'] - planned['on']) / MIB:.0f} MiB)")
     print(f"chunked vs logits: old log-probs max abs diff "
           f"{(on['old'] - off['old']).abs().max().item():.2e}, entropy {on['entropy']:.6f} vs "
           f"{off['entropy']:.6f}, grad norm {on['grad_norm']:.6f} vs {off['grad_norm']:.6f}")

@@ -16,9 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rl.config import ConfigError, load_config  # noqa: E402
-from megatron_rl.parallel.memory_plan import GIB, plan_memory  # noqa: E402
-
-RECOMPUTE = ("none", "selective", "full")
+from megatron_rl.parallel.memory_plan import GIB, RECOMPUTE_SETTINGS, plan_memory  # noqa: E402
 
 
 def summary_table(cfg, gpu_memory_gib, **plan_args) -> str:
@@ -27,7 +25,7 @@ def summary_table(cfg, gpu_memory_gib, **plan_args) -> str:
     lines = [f"| recompute | chunked log-probs | activations | logits | training peak | "
              f"rollout peak | fits {gpu_memory_gib:g} GiB (worst stage) |",
              "|---|---|---:|---:|---:|---:|---|"]
-    for recompute in RECOMPUTE:
+    for recompute in RECOMPUTE_SETTINGS:
         for chunked in (False, True):
             plan = plan_memory(cfg, gpu_memory_gib, recompute=recompute,
                                chunked_logprobs=chunked, **plan_args)
@@ -45,7 +43,7 @@ def main(argv=None):
     parser.add_argument("--config", required=True)
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
-    parser.add_argument("--recompute", choices=RECOMPUTE,
+    parser.add_argument("--recompute", choices=RECOMPUTE_SETTINGS,
                         help="default: the config's model.recompute_granularity")
     parser.add_argument("--no-distributed-optimizer", action="store_true")
     parser.add_argument("--no-chunked-logprobs", action="store_true",

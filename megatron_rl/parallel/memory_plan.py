@@ -50,7 +50,7 @@ Assumptions (docs/memory_plan.md repeats them next to the numbers):
 - runtime_overhead_gib covers the CUDA context, NCCL buffers and allocator fragmentation.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Literal, Optional, get_args
 
 GIB = 1 << 30
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -62,6 +62,7 @@ _UNCHUNKED_LOGITS_COPIES = 1
 TOKEN_CHUNK, VOCAB_CHUNK = 1024, 16384
 
 Recompute = Literal["none", "selective", "full"]
+RECOMPUTE_SETTINGS = get_args(Recompute)
 Phase = Literal["both", "train", "rollout"]
 
 
@@ -293,7 +294,7 @@ def plan_memory(cfg, gpu_memory_gib: float, *, distributed_optimizer: bool = Tru
     (logprob_chunking_choice)."""
     if chunked_logprobs is None:
         chunked_logprobs = logprob_chunking_choice(cfg, token_chunk, vocab_chunk)
-    if recompute not in ("none", "selective", "full"):
+    if recompute not in RECOMPUTE_SETTINGS:
         raise ValueError(f"recompute must be none, selective or full, got {recompute!r}")
     if not 0.0 <= kv_cache_fraction <= 1.0:
         raise ValueError(f"kv_cache_fraction must be in [0, 1], got {kv_cache_fraction}")
