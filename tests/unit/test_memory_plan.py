@@ -155,6 +155,26 @@ def test_tool_exit_codes():
     assert "does not fit" in refused.stderr.lower() or "more than" in refused.stderr
 
 
+def test_tool_summary_rows_are_the_plans():
+    """--summary (the README's tables): one row per recompute setting and log-prob path, each
+    the plan_memory numbers of that setting."""
+    out = subprocess.run([sys.executable, "tools/memory_plan.py", "--config",
+                          "examples/qwen2.5-7b/grpo.yaml", "--world-size", "8", "--summary"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines()[2:]]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        (recompute, chunked) for recompute in ("none", "selective", "full")
+        for chunked in ("no", "yes")]
+    for recompute, chunked, activations, logits, train, rollout, fits in rows:
+        plan = plan_memory(qwen7b(), 80, recompute=recompute.strip(),
+                           chunked_logprobs=chunked.strip() == "yes")
+        assert float(logits) == round(plan.item("logits").bytes / GIB, 2)
+        assert float(activations) == round(plan.item("activations").bytes / GIB, 1)
+        assert float(train) == round(plan.train_bytes / GIB, 1)
+        assert fits.strip() == f"{'yes' if plan.fits else 'no'} (stage {plan.stage})"
+
+
 def measure_step_rss() -> dict:
     """One forward/backward/Adam step of MEASURED_MODEL in this (fresh) process: the increase of
     peak RSS over the RSS after imports and process-group start.
