@@ -8,17 +8,45 @@
 
 #include "kernels/vocab_math.h"
 
-// The extension is built for x86-64-v2 (SSE4) so it loads anywhere; the kernels are also compiled
-// for AVX2 (v3) and AVX-512 (v4) and the best one is picked when the library loads (GCC function
-// multi-versioning), since the exp-heavy loops are compute-bound at 4 lanes.
+// The extension is built for x86-64-v2 (SSE4) so it loads anywhere; each kernel is also compiled
+// for AVX2 (x86-64-v3) and AVX-512 (x86-64-v4), since the exp-heavy loops are compute-bound at 4
+// lanes. Which copy runs is the caller's choice (CpuIsa), not the CPU's: the launcher follows
+// ATen's CPU capability (ATEN_CPU_CAPABILITY), so one setting pins every numeric path of a run to
+// one vector width and its results are bitwise the same on AVX2-only and AVX-512 machines (the
+// copies' sums differ in their last bits: the vector width changes their order).
+// A kernel is written once as NAME_body, inlined into one copy per instruction set by
+// MRL_CPU_KERNEL_COPIES, which also defines NAME(isa, args...) to call the chosen copy.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MRL_CPU_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define MRL_CPU_KERNEL_BODY __attribute__((always_inline)) inline
+#define MRL_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
+#define MRL_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
 #else
-#define MRL_CPU_MULTIVERSION
+#define MRL_CPU_KERNEL_BODY inline
+#define MRL_TARGET_AVX2
+#define MRL_TARGET_AVX512
 #endif
+
+#define MRL_CPU_KERNEL_COPIES(NAME)                                                          \
+  template <typename... Args> MRL_TARGET_AVX512 void NAME##_avx512(Args... args) {           \
+    NAME##_body(args...);                                                                    \
+  }                                                                                          \
+  template <typename... Args> MRL_TARGET_AVX2 void NAME##_avx2(Args... args) {               \
+    NAME##_body(args...);                                                                    \
+  }                                                                                          \
+  template <typename... Args> void NAME##_baseline(Args... args) { NAME##_body(args...); }   \
+  template <typename... Args> void NAME(CpuIsa isa, Args... args) {                          \
+    switch (isa) {                                                                           \
+      case CpuIsa::kAvx512: return NAME##_avx512(args...);                                   \
+      case CpuIsa::kAvx2: return NAME##_avx2(args...);                                       \
+      default: return NAME##_baseline(args...);                                              \
+    }                                                                                        \
+  }
 
 namespace megatron_rl {
 namespace kernels {
+
+// The vector width the CPU kernels run at (see the top of this file).
+enum class CpuIsa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
 inline bool target_column(const int64_t* target, int64_t row, const VocabBlock& b, int64_t& col) {
   if (target == nullptr) return false;
@@ -29,7 +57,7 @@ inline bool target_column(const int64_t* target, int64_t row, const VocabBlock& 
 // stats [4, rows]: max z, sum exp(z - max), sum exp(z - max) (z - max), z[target] (0 when the
 // target is not in this block); each relative to this block only (merged across blocks later).
 template <typename scalar_t>
-MRL_CPU_MULTIVERSION void logprob_stats_cpu(const scalar_t* logits, const int64_t* target, const VocabBlock& b,
+MRL_CPU_KERNEL_BODY void logprob_stats_cpu_body(const scalar_t* logits, const int64_t* target, const VocabBlock& b,
                        acc_type<scalar_t>* stats, int64_t row_begin, int64_t row_end) {
   using acc_t = acc_type<scalar_t>;
   const acc_t inv_t = static_cast<acc_t>(b.inv_temperature);
@@ -61,13 +89,14 @@ MRL_CPU_MULTIVERSION void logprob_stats_cpu(const scalar_t* logits, const int64_
     stats[3 * b.rows + r] = target_column(target, r, b, col) ? to_acc<acc_t>(x[col]) * inv_t : acc_t(0);
   }
 }
+MRL_CPU_KERNEL_COPIES(logprob_stats_cpu)
 
 // grad [rows, cols] (row stride grad_row_stride, logits' dtype) of g_logprob * logprob +
 // g_entropy * entropy, recomputing p from the logits and the global lse; padding columns get 0.
 // grad may be the logits themselves (in-place backward): each element is read before it is
 // written, and the target column's logit is read before the row is overwritten.
 template <typename scalar_t>
-MRL_CPU_MULTIVERSION void logprob_entropy_backward_cpu(const scalar_t* logits, const int64_t* target,
+MRL_CPU_KERNEL_BODY void logprob_entropy_backward_cpu_body(const scalar_t* logits, const int64_t* target,
                                   const acc_type<scalar_t>* lse, const acc_type<scalar_t>* entropy,
                                   const acc_type<scalar_t>* grad_logprob,
                                   const acc_type<scalar_t>* grad_entropy, const VocabBlock& b,
@@ -96,10 +125,11 @@ MRL_CPU_MULTIVERSION void logprob_entropy_backward_cpu(const scalar_t* logits, c
     for (int64_t j = b.valid_cols; j < b.cols; ++j) g[j] = from_acc<scalar_t>(acc_t(0));
   }
 }
+MRL_CPU_KERNEL_COPIES(logprob_entropy_backward_cpu)
 
 // partials [2, rows]: sum over this block of p (log p + H) d and of p d, given the global lse and H.
 template <typename scalar_t, typename delta_t>
-MRL_CPU_MULTIVERSION void covariance_partials_cpu(const scalar_t* logits, const delta_t* delta, int64_t delta_row_stride,
+MRL_CPU_KERNEL_BODY void covariance_partials_cpu_body(const scalar_t* logits, const delta_t* delta, int64_t delta_row_stride,
                              const acc_type<scalar_t>* lse, const acc_type<scalar_t>* entropy,
                              const VocabBlock& b, acc_type<scalar_t>* partials, int64_t row_begin,
                              int64_t row_end) {
@@ -122,6 +152,7 @@ MRL_CPU_MULTIVERSION void covariance_partials_cpu(const scalar_t* logits, const 
     partials[b.rows + r] = mean;
   }
 }
+MRL_CPU_KERNEL_COPIES(covariance_partials_cpu)
 
 }  // namespace kernels
 }  // namespace megatron_rl

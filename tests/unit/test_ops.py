@@ -354,3 +354,46 @@ def test_16bit_conversions_match_torch(dtype):
     grad = ops.logprob_entropy_backward(torch.zeros(rows, 1, dtype=dtype), torch.full((rows,), -1),
                                         zeros, zeros, -wanted, zeros, 1.0, 0, 1)
     assert torch.equal(grad.squeeze(-1), wanted.to(dtype))
+
+
+ISA_SCRIPT = """
+import torch
+import megatron_rl._C  # noqa: F401
+from megatron_rl.ops.reference import dense_logprobs_entropy
+ops = torch.ops.megatron_rl
+g = torch.Generator().manual_seed(5)
+logits = torch.randn(64, 4099, generator=g) * 3
+target = torch.randint(0, 4099, (64,), generator=g)
+stats = ops.logprob_stats(logits, target, 1.0, 0, 4099)
+lse = stats[0] + stats[1].log()
+want, _ = dense_logprobs_entropy(logits.double(), target)
+torch.testing.assert_close(stats[3] - lse, want.float(), rtol=1e-5, atol=2e-5)
+torch.save({"isa": ops.cpu_kernel_isa(), "stats": stats}, OUT)
+"""
+
+
+def test_cpu_kernels_follow_aten_cpu_capability(tmp_path):
+    """ATEN_CPU_CAPABILITY picks the extension's kernel copy too, so that one setting pins every
+    vector width of a run (ci/regression/run.py relies on it): each copy is right, and the copies
+    really differ (a sum over 4099 columns at 8 vs 16 lanes differs in its last bits)."""
+    import megatron_rl._C  # noqa: F401
+
+    settings = {"default": "baseline", "avx2": "avx2", "avx512": "avx512"}
+    best = torch.backends.cpu.get_cpu_capability().lower()
+    if best not in settings:
+        pytest.skip(f"not an x86 ATen build (CPU capability {best})")
+    results = {}
+    for capability, isa in settings.items():
+        if capability == "avx512" and best != "avx512":
+            continue
+        out = tmp_path / f"{capability}.pt"
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability,
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run([sys.executable, "-c", f"OUT = {str(out)!r}\n" + ISA_SCRIPT],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        results[capability] = torch.load(out)
+        assert results[capability]["isa"] == isa, (capability, results[capability]["isa"])
+    assert not torch.equal(results["default"]["stats"], results["avx2"]["stats"])
+    if "avx512" in results:
+        assert not torch.equal(results["avx2"]["stats"], results["avx512"]["stats"])
