@@ -67,7 +67,7 @@ def compare(name, got, want, spec):
         if off:
             first = off[0]
             failures.append(f"{name}: {key} differs at {len(off)} of {len(w)} steps; first at "
-                            f"step {first}: {g[first]:.6f}, baseline {w[first]:.6f} "
+                            f"step {first}: {g[first]:.10g}, baseline {w[first]:.10g} "
                             f"(tolerance {tol})")
     return failures
 
