@@ -21,7 +21,7 @@ C=(-c "$ROOT/ci/constraints-cpu.txt")
 # megatron-core 0.19.2 declares Python >= 3.12 but installs and runs on 3.11 (README: "Why
 # Python 3.11 and megatron-core 0.19.2"); --ignore-requires-python is needed for it alone.
 "${PIP[@]}" install "${C[@]}" --ignore-requires-python megatron-core==0.19.2
-"${PIP[@]}" install "${C[@]}" pyyaml psutil pybind11 tqdm ninja pytest pytest-timeout \
+"${PIP[@]}" install "${C[@]}" pyyaml psutil pybind11 tqdm ninja pytest pytest-timeout pytest-xdist \
   transformers safetensors matplotlib pyarrow math-verify tensorboard requests ruff
 # The package and its extension, built against the torch above (no build isolation).
 "${PIP[@]}" install "${C[@]}" --ignore-requires-python --no-build-isolation --no-deps -e "$ROOT"

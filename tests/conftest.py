@@ -3,6 +3,7 @@ with its reason) are silenced for the tests too, so that pytest's warnings summa
 warnings worth reading. pytest resets the warning filters around each test and applies its own
 `filterwarnings` list, so the same entries are added to that list, generated from the one list
 in console.py. tests/unit/test_console.py checks the filters themselves."""
+import pytest
 import torch
 
 from megatron_rl import console
@@ -16,3 +17,11 @@ def pytest_configure(config):
         assert ":" not in message + module, "pytest's filter syntax splits on ':'"
         config.addinivalue_line("filterwarnings",
                                 f"ignore:{message}:{category.__name__}:{module}")
+
+
+@pytest.fixture(scope="session")
+def warm_start_cache(tmp_path_factory):
+    """One training.cache_dir for the RL job tests of a session: the warm start is cached under
+    a key of everything that shapes it (megatron_rl/training/sft.py), so the jobs that share
+    its settings build it once per pytest worker instead of once per test."""
+    return tmp_path_factory.mktemp("warm_start_cache")

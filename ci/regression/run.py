@@ -11,6 +11,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
@@ -38,13 +39,19 @@ def pinned_env():
     return dict(os.environ, **PINNED_ENV)
 
 
-def run_job(name, overrides, work, cache_dir):
-    out = os.path.join(work, name)
-    cmd = [sys.executable, "-m", "megatron_rl.train", "--config", "examples/tiny_cpu.yaml",
-           *overrides, f"training.output_dir={out}", f"training.cache_dir={cache_dir}"]
+def run_module(module, overrides, what):
+    """`python -m module --config examples/tiny_cpu.yaml overrides` in the pinned environment;
+    its stdout, or SystemExit with its stderr."""
+    cmd = [sys.executable, "-m", module, "--config", "examples/tiny_cpu.yaml", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=pinned_env(), capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"regression run {name} failed:\n{proc.stderr[-5000:]}")
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-5000:]}")
+    return proc.stdout
+
+
+def run_job(name, overrides, out):
+    run_module("megatron_rl.train", [*overrides, f"training.output_dir={out}"],
+               f"regression run {name}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
@@ -77,37 +84,49 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--update", action="store_true", help="store new baselines")
     parser.add_argument("--only", nargs="*", help="run only these names")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="runs at a time, one thread each (default: 2, or 1 on one core)")
     parser.add_argument("--cache-dir", help="keep the warm start here between invocations "
                         "(default: a temporary folder, built anew each time)")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     with open(os.path.join(HERE, "runs.yaml")) as f:
         spec = yaml.safe_load(f)
+    names = [name for name in spec["runs"] if not args.only or name in args.only]
     failures, checked = [], 0
     print("regression runs pinned to " + " ".join(f"{k}={v}" for k, v in PINNED_ENV.items()),
           flush=True)
     with tempfile.TemporaryDirectory() as work:
-        for name, overrides in spec["runs"].items():
-            if args.only and name not in args.only:
-                continue
-            records = run_job(name, spec["common"] + overrides, work,
-                              args.cache_dir or os.path.join(work, "cache"))
-            path = os.path.join(HERE, "baselines", f"{name}.jsonl")
-            if args.update:
-                with open(path, "w") as f:
-                    for r in records:
-                        f.write(json.dumps({k: r[k] for k in ["step"] + spec["keys"]
-                                            if k in r}) + "\n")
-                print(f"{name}: baseline written to {os.path.relpath(path, ROOT)}")
-                continue
-            if not os.path.exists(path):
-                failures.append(f"{name}: no baseline at {path} (run with --update)")
-                continue
-            with open(path) as f:
-                want = [json.loads(line) for line in f]
-            found = compare(name, records, want, spec)
-            failures += found
-            checked += 1
-            print(f"regression {name}: {'FAILED' if found else 'ok'}", flush=True)
+        cache = [f"training.cache_dir={args.cache_dir or os.path.join(work, 'cache')}"]
+        # The warm start first, once: the runs share it (its cache key leaves out what they
+        # change), then the runs side by side, one thread each; pinned, their curves do not
+        # depend on what else the machine runs.
+        run_module("megatron_rl.training.sft", spec["common"] + cache, "the warm start")
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = {name: pool.submit(run_job, name,
+                                         spec["common"] + spec["runs"][name] + cache,
+                                         os.path.join(work, name))
+                       for name in names}
+            for name in names:
+                records = futures[name].result()
+                path = os.path.join(HERE, "baselines", f"{name}.jsonl")
+                if args.update:
+                    with open(path, "w") as f:
+                        for r in records:
+                            f.write(json.dumps({k: r[k] for k in ["step"] + spec["keys"]
+                                                if k in r}) + "\n")
+                    print(f"{name}: baseline written to {os.path.relpath(path, ROOT)}")
+                    continue
+                if not os.path.exists(path):
+                    failures.append(f"{name}: no baseline at {path} (run with --update)")
+                    continue
+                with open(path) as f:
+                    want = [json.loads(line) for line in f]
+                found = compare(name, records, want, spec)
+                failures += found
+                checked += 1
+                print(f"regression {name}: {'FAILED' if found else 'ok'}", flush=True)
     if failures:
         print("\n".join(failures))
     if not args.update:

@@ -36,8 +36,8 @@ def read_metrics(path):
 REGULARISERS = ["algorithm.kl_ref_coef=0.05", "algorithm.entropy_coef=0.001"]
 
 
-def test_rl_job_tp2_and_exact_resume(tmp_path):
-    full, resumed, cache = tmp_path / "full", tmp_path / "resumed", tmp_path / "cache"
+def test_rl_job_tp2_and_exact_resume(tmp_path, warm_start_cache):
+    full, resumed, cache = tmp_path / "full", tmp_path / "resumed", warm_start_cache
     run_torchrun("megatron_rl/train.py", 2, job_args(full, cache, REGULARISERS))
     records = read_metrics(full / "metrics.jsonl")
     steps = [r for r in records if "reward_mean" in r]
@@ -81,8 +81,8 @@ def test_rl_job_tp2_and_exact_resume(tmp_path):
     assert first["step"] == 0 and first["eval_accuracy"] == steps[-1]["eval_accuracy"]
 
 
-def test_rl_job_pp2(tmp_path):
-    args = job_args(tmp_path / "pp2", tmp_path / "cache", [
+def test_rl_job_pp2(tmp_path, warm_start_cache):
+    args = job_args(tmp_path / "pp2", warm_start_cache, [
         "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2",
         "training.steps=2", "algorithm.loss_mode=kl_cov", "algorithm.k=0.05"])
     run_torchrun("megatron_rl/train.py", 2, args)

@@ -35,10 +35,10 @@ def read_steps(path):
 
 
 @pytest.mark.parametrize("sync", ["distributed", "tensor"])
-def test_rl_job_with_sglang_engine(tmp_path, sync):
+def test_rl_job_with_sglang_engine(tmp_path, sync, warm_start_cache):
     python = sglang_python()
     run_torchrun("megatron_rl/train.py", 2, job_args(
-        tmp_path / "run", tmp_path / "cache", python, [f"rollout.sglang.weight_sync={sync}"]))
+        tmp_path / "run", warm_start_cache, python, [f"rollout.sglang.weight_sync={sync}"]))
     steps = read_steps(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:
@@ -52,9 +52,9 @@ def test_rl_job_with_sglang_engine(tmp_path, sync):
                 if str(tmp_path) in " ".join(p.info["cmdline"] or [])]  # no orphaned server
 
 
-def test_async_rollout_is_one_version_behind_and_corrected(tmp_path):
+def test_async_rollout_is_one_version_behind_and_corrected(tmp_path, warm_start_cache):
     run_torchrun("megatron_rl/train.py", 2, job_args(
-        tmp_path / "run", tmp_path / "cache", sglang_python(),
+        tmp_path / "run", warm_start_cache, sglang_python(),
         ["training.steps=4", "rollout.async_rollout=true", "algorithm.rollout_is_cap=2.0"]))
     steps = read_steps(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -69,12 +69,12 @@ def test_async_rollout_is_one_version_behind_and_corrected(tmp_path):
     assert any("rollout_is_weight" in r for r in steps)
 
 
-def test_engine_that_keeps_dying_stops_the_job_with_a_checkpoint(tmp_path):
+def test_engine_that_keeps_dying_stops_the_job_with_a_checkpoint(tmp_path, warm_start_cache):
     python = sglang_python()
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "megatron_rl/train.py",
-           *map(str, job_args(run_dir, tmp_path / "cache", python, [
+           *map(str, job_args(run_dir, warm_start_cache, python, [
                "training.steps=50", "training.eval_interval=0", "rollout.sglang.max_restarts=0"]))]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     with open(tmp_path / "job.log", "w") as log:
@@ -99,7 +99,7 @@ def test_engine_that_keeps_dying_stops_the_job_with_a_checkpoint(tmp_path):
     assert done >= 2
     # The checkpoint resumes (with the built-in engine: nothing of the dead engine is needed).
     out = run_torchrun("megatron_rl/train.py", 2, ["--resume", "auto"] + job_args(
-        run_dir, tmp_path / "cache", python, [f"training.steps={done + 1}",
+        run_dir, warm_start_cache, python, [f"training.steps={done + 1}",
                                               "training.eval_interval=0",
                                               "rollout.engine=builtin"]))
     assert "resumed from" in out
