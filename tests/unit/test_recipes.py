@@ -1,6 +1,11 @@
 """The Qwen2.5 recipes load at the world size their launch scripts use and carry the authors'
 settings (their scripts recipe/dapo/{7b,32b}_{baseline,clip_cov,kl_cov}.sh in
-PRIME-RL/Entropy-Mechanism-of-RL, and arXiv 2505.22617 Sec. 4) and the Qwen2.5 architectures."""
+PRIME-RL/Entropy-Mechanism-of-RL, DAPO's clip_ratio_high=0.28 for clip-higher, and arXiv
+2505.22617 Sec. 4), the Qwen2.5 architectures, SGLang engines that fill each node's GPUs, and
+DAPO's dynamic sampling."""
+import glob
+import os
+
 import pytest
 
 from megatron_rl.config import load_config
@@ -15,13 +20,17 @@ LAYOUT = {  # world size of the launch script, TP, PP, resulting DP
 }
 LR = {"7b": 5e-7, "32b": 1e-6}
 KL_COV_K = {"7b": 2e-3, "32b": 2e-4}  # the scripts' k_percent 0.2 / 0.02 (percent)
-# clip_ratio_low / clip_ratio_high: 1 / 1 in the Clip-Cov scripts, 0.2 / 0.2 elsewhere
-EPS = {"grpo": (0.2, 0.2), "clip_cov": (1.0, 1.0), "kl_cov": (0.2, 0.2)}
-LOSS_MODE = {"grpo": "ppo_clip", "clip_cov": "clip_cov", "kl_cov": "kl_cov"}
+# clip_ratio_low / clip_ratio_high: 1 / 1 in the Clip-Cov scripts, DAPO's 0.2 / 0.28 for
+# clip-higher, 0.2 / 0.2 elsewhere
+EPS = {"grpo": (0.2, 0.2), "clip_higher": (0.2, 0.28), "clip_cov": (1.0, 1.0),
+       "kl_cov": (0.2, 0.2)}
+LOSS_MODE = {"grpo": "ppo_clip", "clip_higher": "ppo_clip", "clip_cov": "clip_cov",
+             "kl_cov": "kl_cov"}
+GPUS_PER_NODE = 8
 
 
 @pytest.mark.parametrize("size", ["7b", "32b"])
-@pytest.mark.parametrize("method", ["grpo", "clip_cov", "kl_cov"])
+@pytest.mark.parametrize("method", list(LOSS_MODE))
 def test_recipe_loads_with_paper_settings(size, method):
     world, tp, pp, dp = LAYOUT[size]
     cfg = load_config(f"examples/qwen2.5-{size}/{method}.yaml", [], world_size=world)
@@ -40,7 +49,15 @@ def test_recipe_loads_with_paper_settings(size, method):
     assert (t.mini_batches, t.ppo_epochs, t.lr, t.eval_temperature) == (8, 1, LR[size], 0.6)
     assert (t.lr_warmup_steps, t.lr_decay_style, t.weight_decay, t.clip_grad) == \
         (0, "constant", 0.0, 1.0)
-    assert a.filter_equal_groups and a.advantage_estimator == "grpo" and a.norm_by_std
+    assert a.advantage_estimator == "grpo" and a.norm_by_std
+    # DAPO's filter_groups with max_num_gen_batches=10: 10 generation rounds, 9 of them extra
+    assert (a.filter_equal_groups, a.resample_max_rounds) == ("resample", 9)
+    # Colocated SGLang engines, one per trainer TP group, filling each node's GPUs
+    s = r.sglang
+    assert (r.engine, s.placement, s.weight_sync, s.dtype) == \
+        ("sglang", "colocated", "tensor", "bfloat16")
+    assert s.tp_size == tp and s.engines_per_node * s.tp_size == GPUS_PER_NODE
+    assert 0.5 <= s.mem_fraction_static <= 0.9
     assert a.loss_mode == LOSS_MODE[method]
     assert (a.eps_low, a.eps_high, a.dual_clip_c) == (*EPS[method], None)
     assert (a.aggregation, a.entropy_coef, a.kl_ref_coef) == ("token-mean", 0.0, 0.0)
@@ -49,6 +66,17 @@ def test_recipe_loads_with_paper_settings(size, method):
     if method == "kl_cov":
         assert (a.k, a.beta) == (KL_COV_K[size], 1.0)
     assert t.output_dir == f"runs/qwen2.5-{size}/{method}"
+
+
+def test_every_shipped_recipe_is_tested_and_none_says_a_feature_is_missing():
+    shipped = sorted(os.path.relpath(p) for p in glob.glob("examples/qwen2.5-*/*.yaml"))
+    assert shipped == sorted(f"examples/qwen2.5-{size}/{method}.yaml"
+                             for size in QWEN25 for method in LOSS_MODE)
+    for path in shipped + ["examples/README.md"]:
+        text = open(path).read()
+        for stale in ("Not expressible", "not yet expressible", "Not yet expressible",
+                      "no refill"):
+            assert stale not in text, f"{path} says {stale!r}"
 
 
 def test_32b_also_loads_on_two_nodes():
