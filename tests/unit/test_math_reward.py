@@ -28,6 +28,18 @@ from megatron_rl.rewards.synthetic import exact_answer_reward
     (r"\boxed{\frac{1}{3}}", "0.33", 0.0),  # close is not equal
     ("I don't know", "7", 0.0),
     ("", "1", 0.0),
+    # DAPO's "Answer:" line (the instruction of DAPO-Math-17k and tools/prepare_math_data.py),
+    # read as a ground truth is: from the whole text these four parse as something else.
+    ("The pairs are found.\nAnswer: 3, 4", "3, 4", 1.0),
+    ("Answer: (1, 2)", "(1, 2)", 1.0),
+    (r"So the side is 2 \sqrt{2}." + "\nAnswer: " + r"2 \sqrt{2}", r"2\sqrt{2}", 1.0),
+    (r"Answer: \left( 3, \frac{\pi}{2} \right)", r"\left( 3, \frac{\pi}{2} \right)", 1.0),
+    ("Answer: 204", "204", 1.0),
+    ("First Answer: 5, then I recheck.\nanswer: 7", "7", 1.0),  # the last line counts
+    ("First Answer: 5, then I recheck.\nanswer: 7", "5", 0.0),
+    ("Answer: 3, 4", "3", 0.0),
+    (r"Answer: 3 but boxed \boxed{4}", "4", 1.0),  # a box wins over the line
+    ("Answer:", "1", 0.0),  # nothing after it: the whole text (no number) is read
 ])
 def test_math_reward(response, answer, reward):
     assert math_reward(response, answer) == reward
