@@ -27,6 +27,9 @@ EPS = {"grpo": (0.2, 0.2), "clip_higher": (0.2, 0.28), "clip_cov": (1.0, 1.0),
 LOSS_MODE = {"grpo": "ppo_clip", "clip_higher": "ppo_clip", "clip_cov": "clip_cov",
              "kl_cov": "kl_cov"}
 GPUS_PER_NODE = 8
+# (temperature, samples): avg@32 at 0.6 for AIME and AMC, greedy for the others (paper, Sec. 4)
+TABLE2 = {"aime24": (0.6, 32), "aime25": (0.6, 32), "amc": (0.6, 32), "math500": (0.0, 1),
+          "omni_math": (0.0, 1), "olympiadbench": (0.0, 1), "minerva": (0.0, 1)}
 
 
 @pytest.mark.parametrize("size", ["7b", "32b"])
@@ -58,6 +61,12 @@ def test_recipe_loads_with_paper_settings(size, method):
         ("sglang", "colocated", "tensor", "bfloat16")
     assert s.tp_size == tp and s.engines_per_node * s.tp_size == GPUS_PER_NODE
     assert 0.5 <= s.mem_fraction_static <= 0.9
+    # The paper's Table 2 benchmarks with its protocol, from tools/prepare_math_data.py's files
+    d = cfg.data
+    assert d.path == "data/math/dapo_math_17k.parquet"
+    assert {e.name: (e.path, e.temperature, e.samples, e.weight) for e in d.eval_sets} == {
+        name: (f"data/math/{name}.jsonl", *protocol, 1.0) for name, protocol in TABLE2.items()}
+    assert t.law_metric == "eval/mean/accuracy"
     assert a.loss_mode == LOSS_MODE[method]
     assert (a.eps_low, a.eps_high, a.dual_clip_c) == (*EPS[method], None)
     assert (a.aggregation, a.entropy_coef, a.kl_ref_coef) == ("token-mean", 0.0, 0.0)
