@@ -36,6 +36,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rl.data.config import DataConfig  # noqa: E402
+from megatron_rl.data.prompts import verl_parquet_schema  # noqa: E402
 from megatron_rl.data.synthetic import (VOCAB, clock_walk_prompt,  # noqa: E402
                                         clock_walk_split)
 from megatron_rl.files import publish_folder, replace_file  # noqa: E402
@@ -65,18 +66,6 @@ def rows(problems, split: str, steps: int = STEPS) -> list:
             for index, (allowed, start) in enumerate(problems)]
 
 
-def parquet_schema():
-    import pyarrow as pa
-
-    return pa.schema([
-        ("data_source", pa.string()),
-        ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-        ("ability", pa.string()),
-        ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
-        ("extra_info", pa.struct([("split", pa.string()), ("index", pa.int64())])),
-    ])
-
-
 def save_tokenizer(path: str) -> None:
     """The character-level WordLevel tokenizer with its chat template, save_pretrained(path)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -98,7 +87,8 @@ def write_parquet(path: str, table_rows: list) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(table_rows, schema=parquet_schema())
+    schema = verl_parquet_schema([("split", pa.string()), ("index", pa.int64())])
+    table = pa.Table.from_pylist(table_rows, schema=schema)
     replace_file(path, lambda tmp: pq.write_table(table, tmp))
 
 

@@ -70,7 +70,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rl.data.config import DataConfig  # noqa: E402
 from megatron_rl.data.prompts import (DataError, _answer_text, _chat_messages,  # noqa: E402
-                                      _iter_jsonl, _iter_parquet, _lookup, _RowError)
+                                      _iter_jsonl, _iter_parquet, _lookup, _RowError,
+                                      verl_parquet_schema)
 from megatron_rl.files import replace_file  # noqa: E402
 
 # DAPO-Math-17k's instruction, verbatim: its training prompts carry it already, the evaluation
@@ -215,19 +216,6 @@ SETS = {
     "minerva": SourceSet("minerva", "minerva.jsonl", "test", ("question", "problem"),
                          ("answer",), ("id",)),
 }
-
-
-def parquet_schema():
-    import pyarrow as pa
-
-    return pa.schema([
-        ("data_source", pa.string()),
-        ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-        ("ability", pa.string()),
-        ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
-        ("extra_info", pa.struct([("index", pa.int64()), ("split", pa.string()),
-                                  ("id", pa.string())])),
-    ])
 
 
 @dataclass
@@ -375,7 +363,9 @@ def write_checked(path: str, rows: list[dict]) -> None:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            pq.write_table(pa.Table.from_pylist(rows, schema=parquet_schema()), tmp)
+            schema = verl_parquet_schema([("index", pa.int64()), ("split", pa.string()),
+                                          ("id", pa.string())])
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
             check_written(path, _iter_parquet(tmp), len(rows))
         else:
             with open(tmp, "w", encoding="utf-8", newline="\n") as f:

@@ -70,6 +70,20 @@ class PromptDataset:
         return out
 
 
+def verl_parquet_schema(extra_info: list):
+    """The parquet schema of a verl / DAPO prompt file as the tools write it (chat-message
+    prompts, a rule ground truth); `extra_info` is its list of (field, pyarrow type)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("data_source", pa.string()),
+        ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("ability", pa.string()),
+        ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+        ("extra_info", pa.struct(extra_info)),
+    ])
+
+
 def load_tokenizer(model_dir: str | os.PathLike):
     """The HF tokenizer (with its chat template) saved in a local model folder; never downloads."""
     from transformers import AutoTokenizer
