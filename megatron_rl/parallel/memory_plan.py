@@ -310,12 +310,10 @@ def plan_memory(cfg, gpu_memory_gib: float, *, distributed_optimizer: bool = Tru
                     chunked_logprobs=chunked_logprobs, kv_cache_fraction=kv_cache_fraction,
                     colocated_rollout=colocated_rollout, runtime_overhead_gib=runtime_overhead_gib)
 
-    head_dim = m.head_dim
-    groups = m.num_query_groups or m.num_attention_heads
     engines = max(1, (p.data_parallel_size or 1) * pp)  # world / TP
     engine_sequences = cfg.rollout.prompts_per_step * cfg.algorithm.n / engines
     kv_tokens = int(kv_cache_fraction * engine_sequences) * t.seq_length
-    kv_per_token = 2 * m.num_layers * max(1, groups // tp) * head_dim * e
+    kv_per_token = kv_bytes_per_token(cfg, tp)
 
     plans = []
     for stage in range(pp):
@@ -354,6 +352,14 @@ def plan_memory(cfg, gpu_memory_gib: float, *, distributed_optimizer: bool = Tru
                                     "CUDA context, NCCL, fragmentation"))
         plans.append(MemoryPlan(items, stage, int(gpu_memory_gib * GIB), settings))
     return max(plans, key=lambda plan: plan.peak_bytes)
+
+
+def kv_bytes_per_token(cfg, tp: int) -> int:
+    """KV-cache bytes per token on one GPU of an engine with tensor parallelism `tp`: K and V for
+    every layer, the KV heads split over TP (replicated when there are fewer heads than ranks)."""
+    m = cfg.model
+    groups = m.num_query_groups or m.num_attention_heads
+    return 2 * m.num_layers * max(1, groups // tp) * m.head_dim * _DTYPE_BYTES[m.params_dtype]
 
 
 def _with_layout(cfg, *, tp: int, pp: int):
