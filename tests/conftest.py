@@ -3,10 +3,12 @@ with its reason) are silenced for the tests too, so that pytest's warnings summa
 warnings worth reading. pytest resets the warning filters around each test and applies its own
 `filterwarnings` list, so the same entries are added to that list, generated from the one list
 in console.py. tests/unit/test_console.py checks the filters themselves."""
+import os
+
 import pytest
 import torch
 
-from megatron_rl import console
+from megatron_rl import console, ports
 
 
 def pytest_configure(config):
@@ -17,6 +19,15 @@ def pytest_configure(config):
         assert ":" not in message + module, "pytest's filter syntax splits on ':'"
         config.addinivalue_line("filterwarnings",
                                 f"ignore:{message}:{category.__name__}:{module}")
+    # pytest-xdist workers (ci/test.sh runs two) draw ports from disjoint ranges, inherited by
+    # every process a test starts, so two tests never hand the same port to their launches.
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get(
+        "PYTEST_XDIST_WORKER_COUNT")
+    if worker and workers and ports.PORT_RANGE_ENV not in os.environ:
+        low, high = ports.port_range()
+        share = (high - low) // int(workers)
+        index = int(worker.removeprefix("gw"))
+        os.environ[ports.PORT_RANGE_ENV] = f"{low + index * share}-{low + (index + 1) * share}"
 
 
 @pytest.fixture(scope="session")
