@@ -397,3 +397,36 @@ def test_cpu_kernels_follow_aten_cpu_capability(tmp_path):
     assert not torch.equal(results["default"]["stats"], results["avx2"]["stats"])
     if "avx512" in results:
         assert not torch.equal(results["avx2"]["stats"], results["avx512"]["stats"])
+
+
+def test_kernels_split_rows_over_threads_with_the_same_bits():
+    """CI runs pytest at one torch thread per worker (ci/test.sh), so the kernels' row split
+    over threads (at::parallel_for) is exercised here explicitly: rows are independent, so one
+    and two threads give the same bits, the in-place backward included."""
+    ops = torch.ops.megatron_rl
+    logits = make_logits((4096, 300), torch.float32)  # ~218 rows per task: 19 tasks
+    target = torch.randint(0, 300, (4096,), generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(3)
+    grads = torch.randn(2, 4096, generator=g)
+    delta = torch.randn(4096, 300, generator=g)
+
+    def run():
+        stats = ops.logprob_stats(logits, target, 1.0, 0, 300)
+        lse = stats[0] + stats[1].log()
+        entropy = lse - stats[0] - stats[2] / stats[1]
+        grad = ops.logprob_entropy_backward(logits, target, lse, entropy, *grads, 1.0, 0, 300)
+        inplace = logits.clone()
+        ops.logprob_entropy_backward_(inplace, target, lse, entropy, *grads, 1.0, 0, 300)
+        cov = ops.covariance_partials(logits, delta, lse, entropy, 1.0, 300)
+        return stats, grad, inplace, cov
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
