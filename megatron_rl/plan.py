@@ -34,8 +34,8 @@ from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 from megatron_rl.config import ConfigError, load_config
-from megatron_rl.parallel.memory_plan import (GIB, MemoryPlan, kv_bytes_per_token,
-                                              model_params, plan_memory, stage_params)
+from megatron_rl.parallel.memory_plan import (GIB, MemoryPlan, engine_weight_bytes,
+                                              kv_bytes_per_token, model_params, plan_memory)
 
 GPUS_PER_NODE = 8
 
@@ -172,14 +172,6 @@ def largest_micro_batch(cfg, a: Assumptions, engines: Engines) -> int:
     return size
 
 
-def engine_weight_bytes_per_gpu(cfg, engine_tp: int) -> int:
-    """One engine GPU's share of the whole model (all layers, no PP) in params_dtype."""
-    layout = replace(cfg.parallel, tensor_model_parallel_size=engine_tp,
-                     pipeline_model_parallel_size=1)
-    e = 4 if cfg.model.params_dtype == "float32" else 2
-    return stage_params(replace(cfg, parallel=layout), 0) * e
-
-
 @dataclass(frozen=True)
 class KvFit:
     per_token_bytes: int  # one engine GPU
@@ -193,7 +185,7 @@ def kv_fit(cfg, plan: MemoryPlan, a: Assumptions, engines: Engines) -> KvFit:
     if engines.placement == "colocated":
         others = plan.rollout_bytes - plan.item("kv_cache").bytes
     else:  # an engine GPU holds its weights share and the runtime overhead
-        others = (engine_weight_bytes_per_gpu(cfg, engines.tp)
+        others = (engine_weight_bytes(cfg, engines.tp)
                   + int(plan.settings["runtime_overhead_gib"] * GIB))
     fraction = (cfg.rollout.sglang.mem_fraction_static if cfg.rollout.engine == "sglang"
                 else None)
@@ -238,7 +230,7 @@ def rollout_time(cfg, a: Assumptions, engines: Engines, kv_tokens: int) -> Rollo
     concurrent = max(1, min(per_engine, kv_tokens // (prompt + response)))
     waves = math.ceil(per_engine / concurrent)
     steps = (waves - 1) * response + cfg.rollout.max_new_tokens
-    weights = engine_weight_bytes_per_gpu(cfg, engines.tp)
+    weights = engine_weight_bytes(cfg, engines.tp)
     # Generating token t of a sequence reads its prompt + t tokens of KV: summed over a response
     # of length r, r x prompt + r^2 / 2 (the mean r: E[r^2] > r^2, so this is a lower bound).
     kv_read = per_engine * (response * prompt + response * response // 2) * \

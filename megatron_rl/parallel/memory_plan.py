@@ -342,8 +342,7 @@ def plan_memory(cfg, gpu_memory_gib: float, *, distributed_optimizer: bool = Tru
         if stage == pp - 1:
             items.append(_logits_item(cfg, chunked_logprobs, token_chunk, vocab_chunk))
         if colocated_rollout:
-            engine_params = stage_params(_with_layout(cfg, tp=tp, pp=1), 0)
-            items.append(MemoryItem("sglang_weights", engine_params * e, "rollout",
+            items.append(MemoryItem("sglang_weights", engine_weight_bytes(cfg, tp), "rollout",
                                     f"engine copy, TP={tp}, all {m.num_layers} layers"))
             items.append(MemoryItem("kv_cache", kv_tokens * kv_per_token, "rollout",
                                     f"{kv_tokens / 1e6:.2f}M tokens x {kv_per_token} B"))
@@ -352,6 +351,12 @@ def plan_memory(cfg, gpu_memory_gib: float, *, distributed_optimizer: bool = Tru
                                     "CUDA context, NCCL, fragmentation"))
         plans.append(MemoryPlan(items, stage, int(gpu_memory_gib * GIB), settings))
     return max(plans, key=lambda plan: plan.peak_bytes)
+
+
+def engine_weight_bytes(cfg, tp: int) -> int:
+    """One GPU's share of the weights of an engine with tensor parallelism `tp`: the whole model
+    (all layers, an engine has no PP) in params_dtype."""
+    return stage_params(_with_layout(cfg, tp=tp, pp=1), 0) * _DTYPE_BYTES[cfg.model.params_dtype]
 
 
 def kv_bytes_per_token(cfg, tp: int) -> int:

@@ -59,7 +59,7 @@ def test_decode_time_hand_count():
     roll = plan.rollout_time(cfg, a, engines, kv_tokens=3 * 16)
     assert (roll.sequences_per_engine, roll.concurrent, roll.waves) == (8, 3, 3)
     assert roll.decode_steps == 2 * 10 + 16
-    weights = plan.engine_weight_bytes_per_gpu(cfg, 1)
+    weights = plan.engine_weight_bytes(cfg, 1)
     assert weights == 2 * (plan.matmul_params(cfg) + 1000 * 64)
     kv_read = 8 * (10 * 6 + 10 * 10 // 2) * kv_per_token
     assert roll.kv_read_bytes == kv_read
